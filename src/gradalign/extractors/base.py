@@ -1,0 +1,195 @@
+"""Base pieces shared by every gradient extractor.
+
+Implementations: :class:`GroupGradients` (the result: one gradient row per problem group),
+:class:`GradientExtractor` (the base class: ``per_group`` and the streaming ``iter_groups``) and
+:func:`extraction_mode` (puts a model in a defined state and restores it exactly, also after an
+exception).
+
+Shape glossary: S sequences, T tokens, G groups, D gradient dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradalign.errors import GradAlignError
+from gradalign.objective import GRPOObjective
+from gradalign.rollouts import Rollouts
+
+__all__ = ["GradientExtractor", "GroupGradients", "Segment", "extraction_mode"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Columns ``start:stop`` of a gradient row belong to module or parameter ``name``."""
+
+    name: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, eq=False)
+class GroupGradients:
+    """Per-group gradients of the GRPO loss.
+
+    Attributes:
+        group_ids: (G,) int64 group ids, sorted ascending.
+        grads: (G, D) float32 gradient (or projected gradient) of each group's loss.
+        num_sequences: (G,) rollouts per group.
+        num_tokens: (G,) response tokens per group.
+        zero_spread: (G,) True where the group's rewards have no spread (its gradient is zero
+            unless a KL term is on).
+        segments: which columns belong to which module or parameter (empty when projected jointly).
+    """
+
+    group_ids: torch.Tensor
+    grads: torch.Tensor
+    num_sequences: torch.Tensor
+    num_tokens: torch.Tensor
+    zero_spread: torch.Tensor
+    segments: tuple[Segment, ...] = ()
+
+    def __post_init__(self) -> None:
+        g = int(self.group_ids.numel())
+        if self.grads.dim() != 2 or self.grads.shape[0] != g:
+            raise GradAlignError(
+                f"GroupGradients: grads must be (G={g}, D), got {tuple(self.grads.shape)}"
+            )
+        for name in ("num_sequences", "num_tokens", "zero_spread"):
+            value = getattr(self, name)
+            if tuple(value.shape) != (g,):
+                raise GradAlignError(
+                    f"GroupGradients: {name} must have shape ({g},), got {tuple(value.shape)}"
+                )
+
+    def __len__(self) -> int:
+        return int(self.group_ids.numel())
+
+    @property
+    def dim(self) -> int:
+        """D, the gradient dimension."""
+        return int(self.grads.shape[1])
+
+    def segment(self, name: str) -> torch.Tensor:
+        """(G, d) columns of one module or parameter."""
+        for seg in self.segments:
+            if seg.name == name:
+                return self.grads[:, seg.start : seg.stop]
+        known = [s.name for s in self.segments]
+        raise GradAlignError(f"GroupGradients.segment: no segment {name!r}; known: {known[:20]}")
+
+    @classmethod
+    def concat(cls, parts: Iterable[GroupGradients]) -> GroupGradients:
+        """Stack results over disjoint groups (e.g. the chunks of a stream), sorted by id."""
+        items = list(parts)
+        if not items:
+            raise GradAlignError("GroupGradients.concat: needs at least one part, got none")
+        ids = torch.cat([p.group_ids for p in items])
+        order = torch.argsort(ids)
+        return cls(
+            group_ids=ids[order],
+            grads=torch.cat([p.grads for p in items])[order],
+            num_sequences=torch.cat([p.num_sequences for p in items])[order],
+            num_tokens=torch.cat([p.num_tokens for p in items])[order],
+            zero_spread=torch.cat([p.zero_spread for p in items])[order],
+            segments=items[0].segments,
+        )
+
+
+@contextlib.contextmanager
+def extraction_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Eval mode and requires_grad only on ``grad_params``; restores both exactly on exit.
+
+    ``.grad`` is never touched by the extractors (they use ``torch.autograd.grad``).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    wanted = {id(p) for p in grad_params}
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def group_rows(rollouts: Rollouts) -> list[torch.Tensor]:
+    """Row indices of each group, in ``rollouts.unique_groups`` order."""
+    order = torch.argsort(rollouts.group_index, stable=True)
+    return list(torch.split(order, rollouts.group_sizes().tolist()))
+
+
+def progress_bar(iterable: Iterable[Any], *, enabled: bool, total: int, desc: str) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class GradientExtractor(ABC):
+    """Computes one gradient row per problem group.
+
+    Subclasses implement :meth:`iter_groups`, which yields :class:`GroupGradients` over chunks of
+    groups so that callers can stream a pool without holding every gradient at once.
+    """
+
+    #: whether scores from this extractor are exact (no projection)
+    exact: bool = True
+
+    def per_group(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        objective: GRPOObjective | None = None,
+        *,
+        progress: bool = False,
+    ) -> GroupGradients:
+        """(G, D) gradients of each group's GRPO loss, groups sorted by id.
+
+        Args:
+            model: a causal LM (transformers or peft) returning logits.
+            rollouts: the rollouts to differentiate.
+            objective: the GRPO loss; default ``GRPOObjective()``.
+            progress: show a progress bar.
+        """
+        return GroupGradients.concat(
+            self.iter_groups(model, rollouts, objective, progress=progress)
+        )
+
+    @abstractmethod
+    def iter_groups(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        objective: GRPOObjective | None = None,
+        *,
+        progress: bool = False,
+    ) -> Iterator[GroupGradients]:
+        """Yield :class:`GroupGradients` for consecutive chunks of groups (ascending ids)."""
+
+    @staticmethod
+    def _check_inputs(call: str, model: Any, rollouts: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise GradAlignError(f"{call}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(rollouts, Rollouts):
+            raise GradAlignError(
+                f"{call}: rollouts must be a gradalign.Rollouts, got {type(rollouts).__name__}"
+            )

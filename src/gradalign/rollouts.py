@@ -1,0 +1,329 @@
+"""Rollouts: the token-level record of sampled responses that every extractor differentiates.
+
+Implementations: :class:`Rollouts` (validated on construction), built directly from tensors, from
+per-sequence token-id lists (:meth:`Rollouts.from_token_ids`) or from text (:meth:`Rollouts.from_texts`).
+
+Shape glossary: S sequences, T tokens, G groups (one group = the rollouts of one problem).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradalign.errors import GradAlignError
+
+__all__ = ["Rollouts"]
+
+_TensorLike = torch.Tensor | Sequence[float] | Sequence[int]
+
+
+def _as_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value if dtype is None else value.to(dtype)
+    try:
+        return torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise GradAlignError(
+            f"Rollouts: {name} must be a tensor or a sequence of numbers, got {type(value).__name__}"
+        ) from exc
+
+
+@dataclass(frozen=True, eq=False)
+class Rollouts:
+    """Sampled responses of several problems, one group of rollouts per problem.
+
+    Args:
+        input_ids: (S, T) int64 prompt + response tokens, right-padded.
+        attention_mask: (S, T) 1 where ``input_ids`` holds a real token.
+        response_mask: (S, T) bool, True where token t is a response token; its log-prob comes from the
+            logits at t - 1, so column 0 is never a response token.
+        rewards: (S,) finite rewards, one per sequence.
+        group_ids: (S,) integer problem id of each sequence (any integers, not necessarily contiguous).
+        old_logprobs: optional (S, T) log-probs of the tokens under the sampling policy (PPO ratio).
+        ref_logprobs: optional (S, T) log-probs under a reference policy (KL penalty).
+
+    Example:
+        >>> import torch
+        >>> ro = Rollouts(
+        ...     input_ids=torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]]),
+        ...     attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+        ...     response_mask=torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]]).bool(),
+        ...     rewards=torch.tensor([1.0, 0.0]),
+        ...     group_ids=torch.tensor([3, 3]),
+        ... )
+        >>> ro.num_groups
+        1
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    unique_groups: torch.Tensor = field(init=False, repr=False)
+    group_index: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ids = _as_tensor("input_ids", self.input_ids)
+        if ids.dim() != 2:
+            raise GradAlignError(f"Rollouts: input_ids must be 2-D (S, T), got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise GradAlignError(f"Rollouts: input_ids must hold integers, got dtype {ids.dtype}")
+        if ids.shape[0] == 0 or ids.shape[1] < 2:
+            raise GradAlignError(
+                f"Rollouts: input_ids needs at least one row and two columns, got {tuple(ids.shape)}"
+            )
+        s, t = ids.shape
+        attn = self._matrix("attention_mask", self.attention_mask, (s, t))
+        resp = self._matrix("response_mask", self.response_mask, (s, t))
+        rewards = self._vector("rewards", self.rewards, s, torch.float32)
+        groups = self._vector("group_ids", self.group_ids, s, None)
+        if groups.dtype.is_floating_point or groups.dtype == torch.bool:
+            raise GradAlignError(f"Rollouts: group_ids must hold integers, got dtype {groups.dtype}")
+        self._check_masks(attn.bool(), resp.bool())
+        bad = ~torch.isfinite(rewards)
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            raise GradAlignError(
+                f"Rollouts: rewards must be finite, got {rewards[row].item()} at row {row}"
+            )
+        set_ = object.__setattr__
+        set_(self, "input_ids", ids.long())
+        set_(self, "attention_mask", attn.long())
+        set_(self, "response_mask", resp.bool())
+        set_(self, "rewards", rewards)
+        set_(self, "group_ids", groups.long())
+        for name in ("old_logprobs", "ref_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(self, name, self._logprobs(name, value, (s, t)))
+        unique, index = torch.unique(self.group_ids, sorted=True, return_inverse=True)
+        set_(self, "unique_groups", unique)
+        set_(self, "group_index", index)
+
+    @staticmethod
+    def _matrix(name: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
+        out = _as_tensor(name, value)
+        if tuple(out.shape) != shape:
+            raise GradAlignError(
+                f"Rollouts: {name} must have the shape of input_ids {shape}, got {tuple(out.shape)}"
+            )
+        if out.dtype.is_floating_point:
+            values = torch.unique(out)
+            if not bool(((values == 0) | (values == 1)).all()):
+                raise GradAlignError(
+                    f"Rollouts: {name} must be 0/1 or bool, got values {values[:5].tolist()}"
+                )
+        return out
+
+    @staticmethod
+    def _vector(name: str, value: Any, s: int, dtype: torch.dtype | None) -> torch.Tensor:
+        out = _as_tensor(name, value, dtype)
+        if out.dim() != 1 or out.shape[0] != s:
+            raise GradAlignError(
+                f"Rollouts: {name} must have one entry per row of input_ids ({s}), "
+                f"got shape {tuple(out.shape)}"
+            )
+        return out
+
+    @staticmethod
+    def _logprobs(name: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
+        out = _as_tensor(name, value, torch.float32)
+        if tuple(out.shape) != shape:
+            raise GradAlignError(
+                f"Rollouts: {name} must have the shape of input_ids {shape}, got {tuple(out.shape)}"
+            )
+        return out
+
+    @staticmethod
+    def _check_masks(attn: torch.Tensor, resp: torch.Tensor) -> None:
+        if resp[:, 0].any():
+            row = int(resp[:, 0].nonzero()[0])
+            raise GradAlignError(
+                "Rollouts: response_mask[:, 0] must be False (token 0 has no preceding logits), "
+                f"got True in row {row}"
+            )
+        outside = resp & ~attn
+        if outside.any():
+            row = int(outside.any(1).nonzero()[0])
+            raise GradAlignError(
+                f"Rollouts: response_mask marks padding (attention_mask 0) as response in row {row}"
+            )
+        empty = ~resp.any(1)
+        if empty.any():
+            rows = empty.nonzero().flatten().tolist()
+            raise GradAlignError(
+                f"Rollouts: every row needs at least one response token, rows {rows[:10]} have none"
+            )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_sequences(self) -> int:
+        """S, the number of rollouts."""
+        return len(self)
+
+    @property
+    def num_groups(self) -> int:
+        """G, the number of distinct problems."""
+        return int(self.unique_groups.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def group_sizes(self) -> torch.Tensor:
+        """(G,) number of rollouts of each group, in ``unique_groups`` order."""
+        return torch.bincount(self.group_index, minlength=self.num_groups)
+
+    def group_mean_rewards(self) -> torch.Tensor:
+        """(G,) mean reward of each group (the pass rate for binary rewards)."""
+        sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
+        sums.index_add_(0, self.group_index, self.rewards)
+        return sums / self.group_sizes().clamp_min(1)
+
+    def group_reward_spread(self) -> torch.Tensor:
+        """(G,) max minus min reward of each group; 0 marks a zero-spread group (no learning signal)."""
+        g = self.num_groups
+        hi = torch.full((g,), -torch.inf, device=self.device).scatter_reduce(
+            0, self.group_index, self.rewards, "amax"
+        )
+        lo = torch.full((g,), torch.inf, device=self.device).scatter_reduce(
+            0, self.group_index, self.rewards, "amin"
+        )
+        return hi - lo
+
+    def select_groups(self, ids: torch.Tensor | Sequence[int]) -> Rollouts:
+        """The rollouts of the given group ids (rows keep their original order)."""
+        wanted = _as_tensor("ids", ids, torch.long).to(self.device).flatten()
+        missing = wanted[~torch.isin(wanted, self.unique_groups)]
+        if missing.numel():
+            raise GradAlignError(
+                f"Rollouts.select_groups: unknown group ids {missing[:10].tolist()}"
+            )
+        return self.select_rows(torch.isin(self.group_ids, wanted).nonzero().flatten())
+
+    def select_rows(self, rows: torch.Tensor) -> Rollouts:
+        """The rollouts at the given row indices, trimmed to their longest attended length."""
+        rows = rows.to(self.device)
+        width = max(2, int(self.attention_mask[rows].sum(1).max().item())) if rows.numel() else 2
+        width = max(width, int(self._last_response_col(rows)) + 1)
+
+        def take(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows, :width]
+
+        return Rollouts(
+            input_ids=self.input_ids[rows, :width],
+            attention_mask=self.attention_mask[rows, :width],
+            response_mask=self.response_mask[rows, :width],
+            rewards=self.rewards[rows],
+            group_ids=self.group_ids[rows],
+            old_logprobs=take(self.old_logprobs),
+            ref_logprobs=take(self.ref_logprobs),
+        )
+
+    def _last_response_col(self, rows: torch.Tensor) -> int:
+        cols = torch.arange(self.input_ids.shape[1], device=self.device)
+        return int((self.response_mask[rows] * cols).max().item()) if rows.numel() else 0
+
+    def to(self, device: torch.device | str) -> Rollouts:
+        """A copy on ``device``."""
+
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return Rollouts(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            response_mask=self.response_mask.to(device),
+            rewards=self.rewards.to(device),
+            group_ids=self.group_ids.to(device),
+            old_logprobs=move(self.old_logprobs),
+            ref_logprobs=move(self.ref_logprobs),
+        )
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        rewards: _TensorLike,
+        group_ids: _TensorLike,
+        *,
+        pad_token_id: int = 0,
+        max_length: int | None = None,
+    ) -> Rollouts:
+        """Build rollouts from per-sequence prompt and completion token ids.
+
+        Each row is ``prompt + completion``, right-padded with ``pad_token_id``; the completion tokens
+        form the response mask. With ``max_length``, the completion is truncated first so that the
+        row fits (the prompt is kept whole; a prompt that leaves no room raises).
+
+        Example:
+            >>> ro = Rollouts.from_token_ids([[1, 2], [1, 2]], [[3], [4, 5]], [1.0, 0.0], [0, 0])
+            >>> ro.input_ids.shape
+            torch.Size([2, 4])
+        """
+        from gradalign._tokenize import pack_token_ids
+
+        ids, attn, resp = pack_token_ids(
+            prompt_ids, completion_ids, pad_token_id=pad_token_id, max_length=max_length
+        )
+        return cls(
+            input_ids=ids,
+            attention_mask=attn,
+            response_mask=resp,
+            rewards=rewards,  # type: ignore[arg-type]
+            group_ids=group_ids,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_texts(
+        cls,
+        tokenizer: Any,
+        prompts: Sequence[str] | Sequence[list[dict[str, str]]],
+        completions: Sequence[str],
+        rewards: _TensorLike,
+        group_ids: _TensorLike,
+        *,
+        max_length: int | None = None,
+        chat_template: bool = False,
+        add_eos: bool = True,
+    ) -> Rollouts:
+        """Tokenize prompts and completions separately, so the prompt/response boundary is exact.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer.
+            prompts: (S,) prompt strings, or chat messages when ``chat_template`` is True.
+            completions: (S,) completion strings.
+            rewards: (S,) rewards.
+            group_ids: (S,) problem id of each completion.
+            max_length: truncate completions so each row holds at most this many tokens.
+            chat_template: render prompts with ``tokenizer.apply_chat_template`` and the generation
+                prompt (a string prompt becomes one user message).
+            add_eos: append the tokenizer's EOS token to each completion, as trainers do.
+        """
+        from gradalign._tokenize import tokenize_pairs
+
+        if not len(prompts) == len(completions):
+            raise GradAlignError(
+                f"Rollouts.from_texts: got {len(prompts)} prompts but {len(completions)} completions"
+            )
+        prompt_ids, completion_ids, pad = tokenize_pairs(
+            tokenizer, prompts, completions, chat_template=chat_template, add_eos=add_eos
+        )
+        return cls.from_token_ids(
+            prompt_ids,
+            completion_ids,
+            rewards,
+            group_ids,
+            pad_token_id=pad,
+            max_length=max_length,
+        )

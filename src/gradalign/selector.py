@@ -1,0 +1,269 @@
+"""GradAlign in one call: extractor + objective + scorer + policy.
+
+Implementations: :class:`GradAlign` (``alignment`` -> ``score`` -> ``select``), :class:`Alignment`
+(both scores from one pass over the candidates) and :class:`Selection` (the result of a round).
+
+Candidate gradients are streamed: only the (Q, D) targets and one chunk of candidate gradients sit in
+memory, so exact full-parameter scores work on models whose G x D gradients would not fit.
+
+Shape glossary: G candidate groups, D gradient dimension, Q targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradalign.errors import GradAlignError
+from gradalign.extractors.base import GradientExtractor
+from gradalign.extractors.full import FullGradient
+from gradalign.objective import GRPOObjective
+from gradalign.policies import Candidates, TopFraction
+from gradalign.rollouts import Rollouts
+from gradalign.scoring import TARGET_REDUCTIONS, TASK_AGGREGATIONS, TargetAccumulator, aggregate_tasks
+
+__all__ = ["SCORERS", "Alignment", "GradAlign", "Selection"]
+
+SCORERS = ("cosine", "inner_product")
+
+
+@dataclass(frozen=True, eq=False)
+class Alignment:
+    """Raw alignment statistics of every candidate group with the target(s).
+
+    Attributes:
+        ids: (G,) candidate group ids, ascending.
+        dot: (G, Q) inner products with the (unnormalised) targets.
+        grad_norm: (G,) norms of the candidate gradients.
+        target_norm: (Q,) norms of the targets.
+        zero_spread: (G,) groups whose rewards have no spread.
+        task_labels: the label of each target.
+        grads: (G, D) candidate gradients when kept (``keep_grads=True``), else None.
+        aggregate: how per-task scores reduce to one ("max", "mean", "min").
+    """
+
+    ids: torch.Tensor
+    dot: torch.Tensor
+    grad_norm: torch.Tensor
+    target_norm: torch.Tensor
+    zero_spread: torch.Tensor
+    task_labels: tuple[Any, ...]
+    grads: torch.Tensor | None = None
+    aggregate: str = "max"
+
+    @property
+    def zero_gradient(self) -> torch.Tensor:
+        """(G,) True where a candidate's gradient is exactly zero (its scores are 0)."""
+        return self.grad_norm == 0
+
+    @property
+    def task_cosine(self) -> torch.Tensor:
+        """(G, Q) cosine with each target; 0 where a norm is 0."""
+        denom = self.grad_norm[:, None] * self.target_norm[None, :]
+        return torch.where(denom > 0, self.dot / denom.clamp_min(1e-30), 0.0).clamp(-1.0, 1.0)
+
+    @property
+    def task_inner_product(self) -> torch.Tensor:
+        """(G, Q) inner product with each unit-norm target (the paper's inner-product score)."""
+        t = self.target_norm[None, :]
+        return torch.where(t > 0, self.dot / t.clamp_min(1e-30), 0.0)
+
+    @property
+    def cosine(self) -> torch.Tensor:
+        """(G,) cosine scores, per-task scores reduced by ``aggregate``."""
+        return aggregate_tasks(self.task_cosine, self.aggregate)
+
+    @property
+    def inner_product(self) -> torch.Tensor:
+        """(G,) inner-product scores, per-task scores reduced by ``aggregate``."""
+        return aggregate_tasks(self.task_inner_product, self.aggregate)
+
+    def scores(self, scorer: str) -> torch.Tensor:
+        """(G,) scores of ``scorer`` ("cosine" or "inner_product")."""
+        return self.cosine if scorer == "cosine" else self.inner_product
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """The result of one selection round.
+
+    Attributes:
+        ids: (k,) selected group ids in rank order.
+        scores: (k,) their scores (None when the candidates carry no scores).
+        candidates: the full scored candidate table.
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor | None
+    candidates: Candidates
+
+
+class GradAlign:
+    """Gradient-aligned selection of RL training problems.
+
+    Args:
+        extractor: computes per-group gradients; default :class:`FullGradient` (exact, the paper's).
+        objective: the GRPO loss; default ``GRPOObjective()``.
+        scorer: "cosine" (the paper's default) or "inner_product" (with the unit-norm target).
+        policy: ``Candidates -> selected ids``; default ``TopFraction(0.5)``.
+        target: how validation gradients form the target: "mean", "normalized-mean" or "batch".
+        aggregate: with several validation tasks, how per-task scores reduce ("max", "mean", "min").
+        keep_grads: keep candidate gradients on the result (for diversity-aware policies); costs
+            G x D memory.
+
+    Example:
+        >>> ga = GradAlign(RandomProjectedGradient(dim=1024), policy=TopK(8))  # doctest: +SKIP
+        >>> sel = ga.select(model, candidate_rollouts, validation_rollouts)  # doctest: +SKIP
+        >>> sel.ids  # the 8 best-aligned problems, best first  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        extractor: GradientExtractor | None = None,
+        objective: GRPOObjective | None = None,
+        scorer: str = "cosine",
+        policy: Callable[[Candidates], torch.Tensor] | None = None,
+        *,
+        target: str = "mean",
+        aggregate: str = "max",
+        keep_grads: bool = False,
+    ) -> None:
+        if extractor is not None and not isinstance(extractor, GradientExtractor):
+            raise GradAlignError(
+                f"GradAlign: extractor must be a GradientExtractor, got {type(extractor).__name__}"
+            )
+        if scorer not in SCORERS:
+            raise GradAlignError(f"GradAlign: scorer must be one of {SCORERS}, got {scorer!r}")
+        if target not in TARGET_REDUCTIONS:
+            raise GradAlignError(
+                f"GradAlign: target must be one of {TARGET_REDUCTIONS}, got {target!r}"
+            )
+        if aggregate not in TASK_AGGREGATIONS:
+            raise GradAlignError(
+                f"GradAlign: aggregate must be one of {TASK_AGGREGATIONS}, got {aggregate!r}"
+            )
+        if policy is not None and not callable(policy):
+            raise GradAlignError(f"GradAlign: policy must be callable, got {type(policy).__name__}")
+        self.extractor = FullGradient() if extractor is None else extractor
+        self.objective = GRPOObjective() if objective is None else objective
+        self.scorer = scorer
+        self.policy = TopFraction(0.5) if policy is None else policy
+        self.target = target
+        self.aggregate = aggregate
+        self.keep_grads = keep_grads
+
+    def __repr__(self) -> str:
+        return (
+            f"GradAlign(extractor={self.extractor!r}, objective={self.objective!r}, "
+            f"scorer={self.scorer!r}, policy={self.policy!r}, target={self.target!r})"
+        )
+
+    def targets(
+        self,
+        model: nn.Module,
+        validation: Rollouts,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        """(Q, D) target directions from the validation rollouts, and their task labels."""
+        labels = None if tasks is None else sorted(set(tasks.values()), key=str)
+        acc = TargetAccumulator(self.target, self.objective, tasks, labels)
+        for chunk in self.extractor.iter_groups(model, validation, self.objective, progress=progress):
+            acc.add(chunk)
+        sums, weights = acc.state()
+        target = acc.result(sums, weights)  # (Q, D)
+        empty = (target == 0).all(dim=1)
+        if bool(empty.any()):
+            raise GradAlignError(
+                "GradAlign.targets: the validation gradient is zero"
+                f"{' for tasks ' + str([acc.labels[i] for i in empty.nonzero().flatten()]) if tasks else ''}"
+                "; every validation group has zero reward spread (all rollouts right or all wrong). "
+                "Sample more validation rollouts or use problems of intermediate difficulty"
+            )
+        return target, tuple(acc.labels or (0,))
+
+    def alignment(
+        self,
+        model: nn.Module,
+        candidates: Rollouts,
+        validation: Rollouts,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Alignment:
+        """Alignment of every candidate group with the validation target(s), in one pass.
+
+        Args:
+            model: the current policy.
+            candidates: rollouts of the candidate problems (one group per problem).
+            validation: rollouts of the trusted validation problems.
+            tasks: optional mapping validation group id -> task label (one target per task).
+            progress: show progress bars.
+        """
+        target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
+        ids, dots, norms, spread, kept = [], [], [], [], []
+        for chunk in self.extractor.iter_groups(model, candidates, self.objective, progress=progress):
+            grads = chunk.grads.float()  # (Gc, D)
+            ids.append(chunk.group_ids)
+            dots.append(grads @ target.T)  # (Gc, Q)
+            norms.append(grads.norm(dim=1))  # (Gc,)
+            spread.append(chunk.zero_spread)
+            if self.keep_grads:
+                kept.append(grads)
+        all_ids = torch.cat(ids)
+        order = torch.argsort(all_ids)
+        return Alignment(
+            ids=all_ids[order],
+            dot=torch.cat(dots)[order],
+            grad_norm=torch.cat(norms)[order],
+            target_norm=target.norm(dim=1),
+            zero_spread=torch.cat(spread)[order],
+            task_labels=labels,
+            grads=torch.cat(kept)[order] if self.keep_grads else None,
+            aggregate=self.aggregate,
+        )
+
+    def score(
+        self,
+        model: nn.Module,
+        candidates: Rollouts,
+        validation: Rollouts,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Candidates:
+        """The candidate table with scores, accuracy, reward spread and zero-gradient flags."""
+        al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
+        table = Candidates.from_rollouts(candidates, scores=al.scores(self.scorer))
+        per_task = al.task_cosine if self.scorer == "cosine" else al.task_inner_product
+        return dataclasses.replace(
+            table, zero_gradient=al.zero_gradient, task_scores=per_task, grads=al.grads
+        )
+
+    def select(
+        self,
+        model: nn.Module,
+        candidates: Rollouts,
+        validation: Rollouts,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Selection:
+        """Score the candidates and apply the policy: the selected ids in rank order."""
+        table = self.score(model, candidates, validation, tasks=tasks, progress=progress)
+        return self.apply_policy(table)
+
+    def apply_policy(self, table: Candidates) -> Selection:
+        """Run the policy on an already scored candidate table."""
+        ids = torch.as_tensor(self.policy(table), dtype=torch.long)
+        scores = None
+        if table.scores is not None:
+            position = {int(i): j for j, i in enumerate(table.ids)}
+            scores = table.scores[[position[int(i)] for i in ids]]
+        return Selection(ids=ids, scores=scores, candidates=table)

@@ -1,0 +1,129 @@
+"""GRPOObjective: every variant against weights computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradalign import GradAlignError, GRPOObjective, Rollouts
+
+
+def _rollouts(**extra: torch.Tensor) -> Rollouts:
+    # group 10: rows 0, 2 (2 and 3 response tokens); group 4: rows 1, 3, 4 (1, 2, 1 tokens)
+    resp = torch.tensor(
+        [
+            [0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1],
+            [0, 0, 1, 1, 1],
+            [0, 0, 0, 1, 1],
+            [0, 1, 0, 0, 0],
+        ]
+    ).bool()
+    return Rollouts(
+        input_ids=torch.arange(25).reshape(5, 5),
+        attention_mask=torch.ones(5, 5, dtype=torch.long),
+        response_mask=resp,
+        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]),
+        group_ids=torch.tensor([10, 4, 10, 4, 4]),
+        **extra,
+    )
+
+
+def _std(xs: list[float]) -> float:
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _hand_advantages(scale: str, eps: float = 1e-4) -> list[float]:
+    r = [1.0, 0.0, 0.0, 1.0, 1.0]
+    g10, g4 = [1.0, 0.0], [0.0, 1.0, 1.0]
+    m10, m4 = 0.5, 2 / 3
+    centred = [1 - m10, 0 - m4, 0 - m10, 1 - m4, 1 - m4]
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        return [c / (_std(r) + eps) for c in centred]
+    s10, s4 = _std(g10), _std(g4)
+    return [centred[0] / (s10 + eps), centred[1] / (s4 + eps), centred[2] / (s10 + eps)] + [
+        centred[i] / (s4 + eps) for i in (3, 4)
+    ]
+
+
+@pytest.mark.parametrize("scale", ["group", "none", "batch"])
+def test_advantages(scale: str) -> None:
+    adv = GRPOObjective(scale_rewards=scale).advantages(_rollouts())
+    assert adv.tolist() == pytest.approx(_hand_advantages(scale), rel=1e-6)
+
+
+# per-row aggregation factor by hand: lengths [2, 1, 3, 2, 1], group 10 = rows 0, 2; 4 = rows 1, 3, 4
+_AGG = {
+    "token-mean": [1 / 5, 1 / 4, 1 / 5, 1 / 4, 1 / 4],
+    "seq-mean-token-mean": [1 / (2 * 2), 1 / (3 * 1), 1 / (2 * 3), 1 / (3 * 2), 1 / (3 * 1)],
+    "seq-mean-token-sum": [1 / 2, 1 / 3, 1 / 2, 1 / 3, 1 / 3],
+    "seq-mean-token-sum-norm": [1 / (2 * 3), 1 / (3 * 3), 1 / (2 * 3), 1 / (3 * 3), 1 / (3 * 3)],
+}
+
+
+@pytest.mark.parametrize("agg", list(_AGG))
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_token_weights_match_hand_computation(agg: str, scale: str) -> None:
+    ro = _rollouts()
+    w = GRPOObjective(scale_rewards=scale, loss_agg=agg).token_weights(ro)
+    adv = _hand_advantages(scale)
+    expected = torch.zeros(5, 5)
+    for i in range(5):
+        expected[i][ro.response_mask[i]] = adv[i] * _AGG[agg][i]
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_sum_norm_uses_given_length() -> None:
+    w = GRPOObjective(scale_rewards="none", loss_agg="seq-mean-token-sum-norm", max_response_length=8)
+    weights = w.token_weights(_rollouts())
+    assert weights[0, 1].item() == pytest.approx(0.5 / (2 * 8))
+
+
+def test_clipped_ratio_and_kl_weights() -> None:
+    old = torch.full((5, 5), -1.0)
+    ref = torch.full((5, 5), -2.0)
+    ro = _rollouts(old_logprobs=old, ref_logprobs=ref)
+    logp = torch.full((5, 5), -1.0)
+    logp[0, 1] = -1.0 + math.log(1.5)  # A > 0, ratio 1.5 > 1.2: clipped, no gradient
+    logp[0, 2] = -1.0 + math.log(0.5)  # A > 0, ratio 0.5 < 0.8: unclipped side, gradient * 0.5
+    logp[1, 4] = -1.0 + math.log(0.5)  # A < 0, ratio 0.5 < 0.8: clipped, no gradient
+    logp[2, 2] = -1.0 + math.log(1.1)  # A < 0, ratio 1.1 inside the range
+    obj = GRPOObjective(scale_rewards="none", kl_coef=0.1, clip_low=0.2, clip_high=0.2)
+    w = obj.token_weights(ro, logp)
+    adv = _hand_advantages("none")
+    agg = _AGG["token-mean"]
+
+    def kl_term(lp: float) -> float:
+        return -0.1 * (1 - math.exp(-2.0 - lp))
+
+    assert w[0, 1].item() == pytest.approx(agg[0] * (0.0 + kl_term(logp[0, 1].item())), rel=1e-5)
+    assert w[0, 2].item() == pytest.approx(agg[0] * (adv[0] * 0.5 + kl_term(logp[0, 2].item())), rel=1e-5)
+    assert w[1, 4].item() == pytest.approx(agg[1] * (0.0 + kl_term(logp[1, 4].item())), rel=1e-5)
+    assert w[2, 2].item() == pytest.approx(agg[2] * (adv[2] * 1.1 + kl_term(logp[2, 2].item())), rel=1e-5)
+    assert w[2, 0].item() == 0.0  # not a response token
+
+
+def test_zero_spread_and_errors() -> None:
+    ro = Rollouts(
+        input_ids=torch.ones(3, 3, dtype=torch.long),
+        attention_mask=torch.ones(3, 3),
+        response_mask=torch.tensor([[0, 1, 1]] * 3).bool(),
+        rewards=torch.tensor([1.0, 1.0, 0.0]),
+        group_ids=torch.tensor([0, 0, 1]),
+    )
+    obj = GRPOObjective()
+    assert obj.zero_spread(ro).tolist() == [True, True]
+    assert not obj.token_weights(ro).any()
+    with pytest.raises(GradAlignError, match="scale_rewards must be one of"):
+        GRPOObjective(scale_rewards="std")
+    with pytest.raises(GradAlignError, match="loss_agg must be one of .* got 'mean'"):
+        GRPOObjective(loss_agg="mean")
+    with pytest.raises(GradAlignError, match="needs rollouts.ref_logprobs"):
+        GRPOObjective(kl_coef=0.1).token_weights(ro, torch.zeros(3, 3))
+    with pytest.raises(GradAlignError, match="logprobs must have shape"):
+        obj.token_weights(ro, torch.zeros(2, 3))
