@@ -79,7 +79,9 @@ def test_token_weights_match_hand_computation(agg: str, scale: str) -> None:
 
 
 def test_sum_norm_uses_given_length() -> None:
-    w = GRPOObjective(scale_rewards="none", loss_agg="seq-mean-token-sum-norm", max_response_length=8)
+    w = GRPOObjective(
+        scale_rewards="none", loss_agg="seq-mean-token-sum-norm", max_response_length=8
+    )
     weights = w.token_weights(_rollouts())
     assert weights[0, 1].item() == pytest.approx(0.5 / (2 * 8))
 
@@ -102,9 +104,13 @@ def test_clipped_ratio_and_kl_weights() -> None:
         return -0.1 * (1 - math.exp(-2.0 - lp))
 
     assert w[0, 1].item() == pytest.approx(agg[0] * (0.0 + kl_term(logp[0, 1].item())), rel=1e-5)
-    assert w[0, 2].item() == pytest.approx(agg[0] * (adv[0] * 0.5 + kl_term(logp[0, 2].item())), rel=1e-5)
+    assert w[0, 2].item() == pytest.approx(
+        agg[0] * (adv[0] * 0.5 + kl_term(logp[0, 2].item())), rel=1e-5
+    )
     assert w[1, 4].item() == pytest.approx(agg[1] * (0.0 + kl_term(logp[1, 4].item())), rel=1e-5)
-    assert w[2, 2].item() == pytest.approx(agg[2] * (adv[2] * 1.1 + kl_term(logp[2, 2].item())), rel=1e-5)
+    assert w[2, 2].item() == pytest.approx(
+        agg[2] * (adv[2] * 1.1 + kl_term(logp[2, 2].item())), rel=1e-5
+    )
     assert w[2, 0].item() == 0.0  # not a response token
 
 
@@ -121,9 +127,9 @@ def test_zero_spread_and_errors() -> None:
     assert not obj.token_weights(ro).any()
     with pytest.raises(GradAlignError, match="scale_rewards must be one of"):
         GRPOObjective(scale_rewards="std")
-    with pytest.raises(GradAlignError, match="loss_agg must be one of .* got 'mean'"):
+    with pytest.raises(GradAlignError, match=r"loss_agg must be one of .* got 'mean'"):
         GRPOObjective(loss_agg="mean")
-    with pytest.raises(GradAlignError, match="needs rollouts.ref_logprobs"):
+    with pytest.raises(GradAlignError, match=r"needs rollouts\.ref_logprobs"):
         GRPOObjective(kl_coef=0.1).token_weights(ro, torch.zeros(3, 3))
     with pytest.raises(GradAlignError, match="logprobs must have shape"):
         obj.token_weights(ro, torch.zeros(2, 3))

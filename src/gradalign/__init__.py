@@ -1,11 +1,51 @@
-"""gradalign: gradient-aligned data selection for LLM reinforcement learning."""
+"""gradalign: gradient-aligned data selection for LLM reinforcement learning.
+
+Pick, every few training steps, the RL problems whose policy gradient points the same way as the
+gradient of a small trusted validation set (GradAlign, arXiv 2602.21492). The pipeline:
+:class:`Rollouts` -> :class:`GRPOObjective` -> an extractor (:class:`FullGradient`,
+:class:`RandomProjectedGradient`, ...) -> :func:`cosine` / :func:`inner_product` against a target ->
+a policy from :mod:`gradalign.policies` -> :class:`GradAlign` ties them together, and
+:class:`Curriculum` drives rounds.
+"""
 
 from __future__ import annotations
 
+from gradalign import policies
+from gradalign.curriculum import Curriculum, ProblemStats, SelectionSampler
 from gradalign.errors import GradAlignError
+from gradalign.extractors import (
+    FullGradient,
+    GradientExtractor,
+    GroupGradients,
+    RandomProjectedGradient,
+)
 from gradalign.objective import GRPOObjective
+from gradalign.policies import Candidates
 from gradalign.rollouts import Rollouts
+from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
+from gradalign.selector import Alignment, GradAlign, Selection
 
 __version__ = "0.1.0"
 
-__all__ = ["GRPOObjective", "GradAlignError", "Rollouts", "__version__"]
+__all__ = [
+    "Alignment",
+    "Candidates",
+    "Curriculum",
+    "FullGradient",
+    "GRPOObjective",
+    "GradAlign",
+    "GradAlignError",
+    "GradientExtractor",
+    "GroupGradients",
+    "ProblemStats",
+    "RandomProjectedGradient",
+    "Rollouts",
+    "Selection",
+    "SelectionSampler",
+    "__version__",
+    "aggregate_tasks",
+    "build_target",
+    "cosine",
+    "inner_product",
+    "policies",
+]

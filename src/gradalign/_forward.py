@@ -70,6 +70,15 @@ def _head_logprobs(
     return fn
 
 
+def response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) rows and (N,) columns of the logits that predict response tokens, row-major.
+
+    The output head runs on the hidden states at exactly these positions, in this order.
+    """
+    rows, cols = response_mask[:, 1:].nonzero(as_tuple=True)  # logits at t-1 predict token t
+    return rows, cols
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -84,8 +93,7 @@ def response_logprobs(
     Differentiable with respect to the model's parameters when grad mode is on.
     """
     s, t = input_ids.shape
-    target_mask = response_mask[:, 1:]  # (S, T-1): logits at t-1 predict token t
-    rows, cols = target_mask.nonzero(as_tuple=True)  # (N,), (N,)
+    rows, cols = response_positions(response_mask)  # (N,), (N,)
     targets = input_ids[:, 1:][rows, cols]  # (N,)
     split = _split_model(model)
     if split is None:
@@ -100,7 +108,8 @@ def response_logprobs(
         fn = _head_logprobs(head, _logits_transform(config))
         vocab = int(getattr(head, "out_features", 0) or getattr(config, "vocab_size", 1) or 1)
         step = max(1, max_logits_elements // vocab)
-        use_ckpt = checkpoint_chunks and torch.is_grad_enabled()
+        # One chunk gains nothing from checkpointing: its recompute would only cost time.
+        use_ckpt = checkpoint_chunks and torch.is_grad_enabled() and gathered.shape[0] > step
         parts = []
         for i in range(0, gathered.shape[0], step):
             h, y = gathered[i : i + step], targets[i : i + step]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Union
 
 from torch import nn
 
 from gradalign.errors import GradAlignError
 
-TargetModules = Union[str, Sequence[str], None]
+TargetModules = str | Sequence[str] | None
 
 
 def is_linear(module: nn.Module) -> bool:

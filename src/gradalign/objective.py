@@ -87,7 +87,9 @@ class GRPOObjective:
                 f"{name}: max_response_length must be >= 1 or None, got {self.max_response_length}"
             )
         if not self.zero_spread_tol >= 0:
-            raise GradAlignError(f"{name}: zero_spread_tol must be >= 0, got {self.zero_spread_tol}")
+            raise GradAlignError(
+                f"{name}: zero_spread_tol must be >= 0, got {self.zero_spread_tol}"
+            )
 
     def needs_logprobs(self, rollouts: Rollouts) -> bool:
         """Whether the weights depend on the current log-probs (PPO ratio or KL term)."""

@@ -72,7 +72,9 @@ class Rollouts:
     def __post_init__(self) -> None:
         ids = _as_tensor("input_ids", self.input_ids)
         if ids.dim() != 2:
-            raise GradAlignError(f"Rollouts: input_ids must be 2-D (S, T), got shape {tuple(ids.shape)}")
+            raise GradAlignError(
+                f"Rollouts: input_ids must be 2-D (S, T), got shape {tuple(ids.shape)}"
+            )
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise GradAlignError(f"Rollouts: input_ids must hold integers, got dtype {ids.dtype}")
         if ids.shape[0] == 0 or ids.shape[1] < 2:
@@ -85,7 +87,9 @@ class Rollouts:
         rewards = self._vector("rewards", self.rewards, s, torch.float32)
         groups = self._vector("group_ids", self.group_ids, s, None)
         if groups.dtype.is_floating_point or groups.dtype == torch.bool:
-            raise GradAlignError(f"Rollouts: group_ids must hold integers, got dtype {groups.dtype}")
+            raise GradAlignError(
+                f"Rollouts: group_ids must hold integers, got dtype {groups.dtype}"
+            )
         self._check_masks(attn.bool(), resp.bool())
         bad = ~torch.isfinite(rewards)
         if bad.any():

@@ -113,7 +113,9 @@ def inner_product(
 def aggregate_tasks(scores: torch.Tensor, how: str = "max") -> torch.Tensor:
     """(G, Q) per-task scores -> (G,) by "max", "mean" or "min"; a (G,) input passes through."""
     if how not in TASK_AGGREGATIONS:
-        raise GradAlignError(f"aggregate_tasks: how must be one of {TASK_AGGREGATIONS}, got {how!r}")
+        raise GradAlignError(
+            f"aggregate_tasks: how must be one of {TASK_AGGREGATIONS}, got {how!r}"
+        )
     if scores.dim() == 1:
         return scores
     if scores.dim() != 2 or scores.shape[1] == 0:
@@ -159,7 +161,7 @@ class TargetAccumulator:
             objective aggregates tokens — the paper's reference).
         objective: the GRPO objective (needed by "batch" for its aggregation).
         tasks: optional mapping validation group id -> task label, giving one target per task.
-        task_labels: fix the order of the task labels (default: sorted).
+        task_labels: the order of the task labels (default: sorted by their string form).
     """
 
     def __init__(
@@ -176,17 +178,15 @@ class TargetAccumulator:
         self.reduction = reduction
         self.objective = GRPOObjective() if objective is None else objective
         self.tasks = tasks
-        self.labels: list[Any] | None = list(task_labels) if task_labels is not None else None
+        if task_labels is None and tasks is not None:
+            task_labels = sorted(set(tasks.values()), key=str)
+        self.labels: list[Any] | None = None if task_labels is None else list(task_labels)
         self._sum: torch.Tensor | None = None  # (Q, D)
         self._weight: torch.Tensor | None = None  # (Q,)
 
     def add(self, chunk: GroupGradients) -> None:
         """Add the contribution of a chunk of validation groups."""
         index, labels = _task_index("build_target", chunk.group_ids, self.tasks, self.labels)
-        if self.labels is None and self.tasks is not None:
-            raise GradAlignError(
-                "build_target: streaming several chunks with tasks needs task_labels (fixed order)"
-            )
         self.labels = labels
         q = len(labels)
         grads = chunk.grads.float()  # (Gc, D)
@@ -210,7 +210,9 @@ class TargetAccumulator:
             raise GradAlignError("build_target: no validation gradients were added")
         return self._sum, self._weight
 
-    def result(self, sums: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def result(
+        self, sums: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(Q, D) targets (Q = 1 without tasks)."""
         if sums is None or weights is None:
             sums, weights = self.state()

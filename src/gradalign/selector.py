@@ -25,7 +25,12 @@ from gradalign.extractors.full import FullGradient
 from gradalign.objective import GRPOObjective
 from gradalign.policies import Candidates, TopFraction
 from gradalign.rollouts import Rollouts
-from gradalign.scoring import TARGET_REDUCTIONS, TASK_AGGREGATIONS, TargetAccumulator, aggregate_tasks
+from gradalign.scoring import (
+    TARGET_REDUCTIONS,
+    TASK_AGGREGATIONS,
+    TargetAccumulator,
+    aggregate_tasks,
+)
 
 __all__ = ["SCORERS", "Alignment", "GradAlign", "Selection"]
 
@@ -172,21 +177,23 @@ class GradAlign:
         progress: bool = False,
     ) -> tuple[torch.Tensor, tuple[Any, ...]]:
         """(Q, D) target directions from the validation rollouts, and their task labels."""
-        labels = None if tasks is None else sorted(set(tasks.values()), key=str)
-        acc = TargetAccumulator(self.target, self.objective, tasks, labels)
-        for chunk in self.extractor.iter_groups(model, validation, self.objective, progress=progress):
+        acc = TargetAccumulator(self.target, self.objective, tasks)
+        for chunk in self.extractor.iter_groups(
+            model, validation, self.objective, progress=progress
+        ):
             acc.add(chunk)
         sums, weights = acc.state()
         target = acc.result(sums, weights)  # (Q, D)
-        empty = (target == 0).all(dim=1)
-        if bool(empty.any()):
+        labels = tuple(acc.labels or (0,))
+        empty = [labels[i] for i in (target == 0).all(dim=1).nonzero().flatten().tolist()]
+        if empty:
+            which = f" for tasks {empty}" if tasks is not None else ""
             raise GradAlignError(
-                "GradAlign.targets: the validation gradient is zero"
-                f"{' for tasks ' + str([acc.labels[i] for i in empty.nonzero().flatten()]) if tasks else ''}"
-                "; every validation group has zero reward spread (all rollouts right or all wrong). "
-                "Sample more validation rollouts or use problems of intermediate difficulty"
+                f"GradAlign.targets: the validation gradient is zero{which}; every validation group "
+                "has zero reward spread (all rollouts right or all wrong). Sample more validation "
+                "rollouts or use problems of intermediate difficulty"
             )
-        return target, tuple(acc.labels or (0,))
+        return target, labels
 
     def alignment(
         self,
@@ -208,7 +215,9 @@ class GradAlign:
         """
         target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
         ids, dots, norms, spread, kept = [], [], [], [], []
-        for chunk in self.extractor.iter_groups(model, candidates, self.objective, progress=progress):
+        for chunk in self.extractor.iter_groups(
+            model, candidates, self.objective, progress=progress
+        ):
             grads = chunk.grads.float()  # (Gc, D)
             ids.append(chunk.group_ids)
             dots.append(grads @ target.T)  # (Gc, Q)

@@ -188,7 +188,9 @@ class GradientExtractor(ABC):
     @staticmethod
     def _check_inputs(call: str, model: Any, rollouts: Any) -> None:
         if not isinstance(model, nn.Module):
-            raise GradAlignError(f"{call}: model must be a torch.nn.Module, got {type(model).__name__}")
+            raise GradAlignError(
+                f"{call}: model must be a torch.nn.Module, got {type(model).__name__}"
+            )
         if not isinstance(rollouts, Rollouts):
             raise GradAlignError(
                 f"{call}: rollouts must be a gradalign.Rollouts, got {type(rollouts).__name__}"

@@ -109,7 +109,9 @@ class FullGradient(GradientExtractor):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.group_chunk is not None and self.group_chunk < 1:
-            raise GradAlignError(f"{name}: group_chunk must be >= 1 or None, got {self.group_chunk}")
+            raise GradAlignError(
+                f"{name}: group_chunk must be >= 1 or None, got {self.group_chunk}"
+            )
         if self.max_logits_elements < 1:
             raise GradAlignError(
                 f"{name}: max_logits_elements must be >= 1, got {self.max_logits_elements}"

@@ -1,0 +1,476 @@
+"""Rounds over the problem pool, per-problem history, and a torch Sampler over the selection.
+
+Implementations: :class:`Curriculum` (seeded chunks of ``range(pool_size)``, a fresh permutation
+per pass; a round counter; the history of recorded selections; an exact ``state_dict`` resume),
+:class:`ProblemStats` (its per-problem table) and :class:`SelectionSampler` (a
+``torch.utils.data.Sampler[int]`` over the latest selection in TRL's ``RepeatSampler`` layout,
+seeded and rank-aware). :class:`SelectionSource` is the protocol that the sampler reads.
+
+Shape glossary: N pool size, M chunk size, C candidates of a round, K selected problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import Sampler
+
+from gradalign.errors import GradAlignError
+
+__all__ = ["Curriculum", "ProblemStats", "SelectionSampler", "SelectionSource"]
+
+_STATE_FORMAT = 1
+_ARG_KEYS = ("format", "pool_size", "chunk_size", "seed")
+_STATE_KEYS = (*_ARG_KEYS, "round", "pass_index", "offset", "records")
+
+
+def _permutation(n: int, *parts: object) -> torch.Tensor:
+    """(n,) int64 permutation from a local generator seeded by ``parts``, same in every process."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.randperm(n, generator=generator)
+
+
+def _check_int(where: str, name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GradAlignError(f"{where}: {name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise GradAlignError(f"{where}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _tensor(where: str, name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        kind = type(value).__name__
+        raise GradAlignError(f"{where}: {name} must be a tensor of numbers, got {kind}") from exc
+
+
+def _ids(where: str, name: str, value: Any, pool_size: int) -> torch.Tensor:
+    """Problem ids: 1-D integers, unique, in [0, pool_size). Returns (n,) int64 on CPU."""
+    ids = _tensor(where, name, value)
+    integer = not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
+    if ids.dim() != 1 or not (integer or ids.numel() == 0):
+        raise GradAlignError(
+            f"{where}: {name} must be 1-D integers, got shape {tuple(ids.shape)} {ids.dtype}"
+        )
+    ids = ids.to("cpu", torch.int64)
+    bad = ids[(ids < 0) | (ids >= pool_size)][:5].tolist()
+    if bad:
+        raise GradAlignError(f"{where}: {name} must be in [0, {pool_size}), got {bad}")
+    if torch.unique(ids).numel() != ids.numel():
+        raise GradAlignError(f"{where}: {name} must not repeat a problem, got {ids[:20].tolist()}")
+    return ids
+
+
+def _values(where: str, name: str, value: Any, n: int) -> torch.Tensor:
+    """Per-problem numbers: (n,) finite. Returns float32 on CPU."""
+    values = _tensor(where, name, value)
+    if values.shape != (n,):
+        raise GradAlignError(f"{where}: {name} must have shape ({n},), got {tuple(values.shape)}")
+    values = values.to("cpu", torch.float32)
+    if not bool(torch.isfinite(values).all()):
+        raise GradAlignError(f"{where}: {name} must be finite, got {values[:20].tolist()}")
+    return values
+
+
+def _copy_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """Entries hold only ints and flat lists; copying the lists is a (much faster) deep copy."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in entry.items()}
+
+
+def _maybe_values(where: str, name: str, value: Any, n: int) -> torch.Tensor | None:
+    return None if value is None else _values(where, name, value, n)
+
+
+@dataclass(frozen=True)
+class ProblemStats:
+    """Per-problem table of a :class:`Curriculum`; every field is (N,). Masks replace NaN.
+
+    Attributes:
+        seen: bool, the problem was a candidate (or selected) in some recorded round.
+        seen_count: int64, recorded rounds that saw it.
+        selected_count: int64, recorded rounds that selected it.
+        last_round: int64, last recorded round that saw it; -1 if never.
+        last_score: float32, latest recorded score; 0.0 where ``has_score`` is False.
+        has_score: bool, a score was recorded.
+        last_accuracy: float32, latest recorded pass rate; 0.0 where ``has_accuracy`` is False.
+        has_accuracy: bool, a pass rate was recorded.
+    """
+
+    seen: torch.Tensor
+    seen_count: torch.Tensor
+    selected_count: torch.Tensor
+    last_round: torch.Tensor
+    last_score: torch.Tensor
+    has_score: torch.Tensor
+    last_accuracy: torch.Tensor
+    has_accuracy: torch.Tensor
+
+
+class Curriculum:
+    """Seeded chunks of a problem pool, one round per chunk, and the history of each selection.
+
+    Pass p visits ``range(pool_size)`` in the order of a permutation from a local generator seeded
+    by ``(seed, p)``, so its chunks cover the pool exactly once. When ``chunk_size`` does not
+    divide ``pool_size`` the last chunk of a pass is shorter (if ``chunk_size >= pool_size`` every
+    chunk is the whole pool). Passes go on forever. :meth:`next_chunk` starts a round;
+    :meth:`record` stores that round's selection, at most once.
+
+    Args:
+        pool_size: N >= 1 problems, identified by ``0 .. N-1``.
+        chunk_size: M >= 1 candidates per round.
+        seed: base seed; the global torch RNG is never touched.
+
+    Example:
+        >>> cur = Curriculum(pool_size=5, chunk_size=2, seed=0)
+        >>> [len(cur.next_chunk()) for _ in range(4)], cur.round, cur.pass_index
+        ([2, 2, 1, 2], 3, 1)
+    """
+
+    def __init__(self, pool_size: int, chunk_size: int, seed: int = 0) -> None:
+        #: N, M and the base seed; constructor arguments, fixed for the object's life.
+        self.pool_size = n = _check_int("Curriculum", "pool_size", pool_size, minimum=1)
+        self.chunk_size = _check_int("Curriculum", "chunk_size", chunk_size, minimum=1)
+        self.seed = _check_int("Curriculum", "seed", seed)
+        self._round, self._pass = -1, 0
+        self._offset = 0  # start of the next chunk in this pass's permutation
+        self._perm: tuple[int, torch.Tensor] | None = None  # (pass, permutation) cache
+        self._log: list[dict[str, Any]] = []  # one plain-Python entry per recorded round
+        self._seen_count = torch.zeros(n, dtype=torch.int64)
+        self._selected_count = torch.zeros(n, dtype=torch.int64)
+        self._last_round = torch.full((n,), -1, dtype=torch.int64)
+        self._last = {k: torch.zeros(n, dtype=torch.float32) for k in ("scores", "accuracy")}
+        self._known = {k: torch.zeros(n, dtype=torch.bool) for k in self._last}
+        self._hist: dict[str, dict[int, list[tuple[int, float]]]] = {k: {} for k in self._last}
+        self._selected_rounds: dict[int, list[int]] = {}
+
+    @property
+    def round(self) -> int:
+        """Index of the current round (the latest :meth:`next_chunk`); -1 before the first."""
+        return self._round
+
+    @property
+    def pass_index(self) -> int:
+        """Pass that the current round's chunk came from (0 before the first chunk)."""
+        return self._pass
+
+    @property
+    def chunks_per_pass(self) -> int:
+        """ceil(N / M): the rounds in one pass over the pool."""
+        return -(-self.pool_size // self.chunk_size)
+
+    @property
+    def num_records(self) -> int:
+        """Recorded rounds so far (:class:`SelectionSampler` reseeds its order when it changes)."""
+        return len(self._log)
+
+    def next_chunk(self) -> torch.Tensor:
+        """Start the next round and return its candidates: (<= M,) int64 problem ids."""
+        if self._offset >= self.pool_size:
+            self._pass, self._offset = self._pass + 1, 0
+        if self._perm is None or self._perm[0] != self._pass:
+            perm = _permutation(self.pool_size, "curriculum", self.seed, self._pass)  # (N,)
+            self._perm = (self._pass, perm)
+        chunk = self._perm[1][self._offset : self._offset + self.chunk_size].clone()  # (<= M,)
+        self._offset += chunk.numel()
+        self._round += 1
+        return chunk
+
+    def record(self, selection: Any, *, candidates: Any = None) -> None:
+        """Store the current round's outcome in the per-problem history.
+
+        Args:
+            selection: an object with ``.ids`` ((K,) problem ids, rank order) and optional
+                ``.scores`` ((K,) or None) and ``.candidates``; or the (K,) ids themselves.
+            candidates: overrides ``selection.candidates``: an object with ``.ids`` (C,) and
+                optional ``.scores`` (C,) and ``.accuracy`` (C,), covering the round's candidates.
+
+        Candidates and selected problems all count as seen this round. Scores come from
+        ``candidates.scores``; ``selection.scores`` fills in only for selected problems that it
+        leaves unscored. Pass rates come from ``candidates.accuracy``. Ids need not be in the chunk.
+
+        Raises:
+            GradAlignError: no round started, or this one already recorded; ids out of ``[0, N)``,
+                repeated or not integers; scores or accuracy misshapen or not finite.
+        """
+        where = "Curriculum.record"
+        if self._round < 0:
+            raise GradAlignError(f"{where}: no round has started; call next_chunk() first")
+        if self._log and self._log[-1]["round"] == self._round:
+            raise GradAlignError(f"{where}: round {self._round} is already recorded")
+        self._apply(where, self._entry(where, selection, candidates))
+
+    def _entry(self, where: str, selection: Any, candidates: Any) -> dict[str, Any]:
+        """Validate a selection and flatten it to the plain-Python entry kept in the state."""
+        sel_ids, sel_val = selection, None
+        if hasattr(selection, "ids"):  # else: the ids themselves
+            sel_ids, sel_val = selection.ids, getattr(selection, "scores", None)
+            if candidates is None:
+                candidates = getattr(selection, "candidates", None)
+        sel = _ids(where, "selection.ids", sel_ids, self.pool_size)  # (K,)
+        sel_val = _maybe_values(where, "selection.scores", sel_val, len(sel))
+        cand, cand_val, cand_acc = torch.zeros(0, dtype=torch.int64), None, None
+        if candidates is not None:
+            cand = _ids(where, "candidates.ids", getattr(candidates, "ids", None), self.pool_size)
+            cand_val, cand_acc = (
+                _maybe_values(where, f"candidates.{k}", getattr(candidates, k, None), len(cand))
+                for k in ("scores", "accuracy")
+            )
+        extra = ~torch.isin(sel, cand)  # (K,) selected but not a candidate
+        score_ids, scores = (cand, cand_val) if cand_val is not None else (cand[:0], torch.zeros(0))
+        if sel_val is not None:  # fills in selected problems that the candidates leave unscored
+            fill = extra if cand_val is not None else torch.ones_like(extra)
+            score_ids = torch.cat([score_ids, sel[fill]])
+            scores = torch.cat([scores, sel_val[fill]])
+        return {
+            "round": self._round,
+            "seen": torch.cat([cand, sel[extra]]).tolist(),
+            "selected": sel.tolist(),
+            "scores_ids": score_ids.tolist(),
+            "scores": scores.tolist(),
+            "accuracy_ids": cand.tolist() if cand_acc is not None else [],
+            "accuracy": cand_acc.tolist() if cand_acc is not None else [],
+        }
+
+    def _apply(self, where: str, entry: dict[str, Any]) -> None:
+        """Add one entry to the tables; it is validated here too because state may be hand-made."""
+        r, n = entry["round"], self.pool_size
+        seen = _ids(where, "seen", entry["seen"], n)
+        selected = _ids(where, "selected", entry["selected"], n)
+        self._seen_count[seen] += 1
+        self._last_round[seen] = r
+        self._selected_count[selected] += 1
+        for pid in selected.tolist():
+            self._selected_rounds.setdefault(pid, []).append(r)
+        for key, last in self._last.items():
+            ids = _ids(where, f"{key}_ids", entry[f"{key}_ids"], n)
+            values = _values(where, key, entry[key], len(ids))
+            last[ids] = values
+            self._known[key][ids] = True
+            for pid, value in zip(ids.tolist(), values.tolist(), strict=True):
+                self._hist[key].setdefault(pid, []).append((r, value))
+        self._log.append(entry)
+
+    def selected_ids(self) -> torch.Tensor:
+        """The latest recorded selection, (K,) int64 in rank order; empty before any record."""
+        return torch.tensor(self._log[-1]["selected"] if self._log else [], dtype=torch.int64)
+
+    def times_selected(self) -> torch.Tensor:
+        """(N,) int64: how many recorded rounds selected each problem."""
+        return self._selected_count.clone()
+
+    def stats(self) -> ProblemStats:
+        """A copy of the per-problem table; every field is (N,)."""
+        return ProblemStats(
+            seen=self._seen_count > 0,
+            seen_count=self._seen_count.clone(),
+            selected_count=self._selected_count.clone(),
+            last_round=self._last_round.clone(),
+            last_score=self._last["scores"].clone(),
+            has_score=self._known["scores"].clone(),
+            last_accuracy=self._last["accuracy"].clone(),
+            has_accuracy=self._known["accuracy"].clone(),
+        )
+
+    def history(self, problem_id: int) -> dict[str, Any]:
+        """Everything recorded about one problem, as plain Python.
+
+        Returns:
+            ``seen_count``, ``last_round`` (-1 if never seen), ``selected_count``,
+            ``selected_rounds``, ``last_score`` and ``last_accuracy`` (None if never recorded),
+            ``scores`` and ``accuracies`` (lists of ``(round, value)``, oldest first).
+        """
+        pid = _check_int("Curriculum.history", "problem_id", problem_id, minimum=0)
+        if pid >= self.pool_size:
+            raise GradAlignError(f"Curriculum.history: problem_id must be < N, got {pid}")
+        scores = list(self._hist["scores"].get(pid, []))
+        accuracies = list(self._hist["accuracy"].get(pid, []))
+        return {
+            "seen_count": int(self._seen_count[pid]),
+            "last_round": int(self._last_round[pid]),
+            "selected_count": int(self._selected_count[pid]),
+            "selected_rounds": list(self._selected_rounds.get(pid, [])),
+            "last_score": scores[-1][1] if scores else None,
+            "last_accuracy": accuracies[-1][1] if accuracies else None,
+            "scores": scores,
+            "accuracies": accuracies,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and history as plain Python (ints, floats, lists): ``torch.save``/JSON-able."""
+        position = (self._round, self._pass, self._offset, [_copy_entry(e) for e in self._log])
+        return dict(zip(_STATE_KEYS, (_STATE_FORMAT, *self._args(), *position), strict=True))
+
+    def _args(self) -> tuple[int, int, int]:
+        return self.pool_size, self.chunk_size, self.seed
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: later chunks and history match the uninterrupted run.
+
+        Raises:
+            GradAlignError: a key is missing, a constructor argument differs, or the state is
+                inconsistent. On error this curriculum is left unchanged.
+        """
+        where = "Curriculum.load_state_dict"
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise GradAlignError(f"{where}: state lacks keys {missing}")
+        mine = dict(zip(_ARG_KEYS, (_STATE_FORMAT, *self._args()), strict=True))
+        for key, value in mine.items():
+            if state[key] != value:
+                raise GradAlignError(f"{where}: state has {key}={state[key]!r}, expected {value!r}")
+        fresh = Curriculum(*self._args())
+        fresh._round = _check_int(where, "round", state["round"], minimum=-1)
+        fresh._pass = _check_int(where, "pass_index", state["pass_index"], minimum=0)
+        fresh._offset = _check_int(where, "offset", state["offset"], minimum=0)
+        drawn = fresh._pass * self.chunks_per_pass - (-fresh._offset // self.chunk_size)
+        if fresh._offset > self.pool_size or drawn != fresh._round + 1:
+            raise GradAlignError(
+                f"{where}: round={fresh._round}, pass_index={fresh._pass}, offset={fresh._offset} "
+                f"do not fit pool_size={self.pool_size}, chunk_size={self.chunk_size}"
+            )
+        for entry in state["records"]:
+            r = entry.get("round") if isinstance(entry, dict) else None
+            previous = fresh._log[-1]["round"] if fresh._log else -1
+            if not isinstance(r, int) or not previous < r <= fresh._round:
+                raise GradAlignError(f"{where}: record rounds must rise to {fresh._round}, got {r}")
+            try:
+                fresh._apply(f"{where}: records[round={r}]", _copy_entry(entry))
+            except (KeyError, TypeError) as exc:
+                raise GradAlignError(f"{where}: records[round={r}] is malformed ({exc!r})") from exc
+        self.__dict__.update(fresh.__dict__)
+
+
+@runtime_checkable
+class SelectionSource(Protocol):
+    """What :class:`SelectionSampler` reads; :class:`Curriculum` is one."""
+
+    @property
+    def pool_size(self) -> int: ...
+
+    @property
+    def num_records(self) -> int: ...
+
+    def selected_ids(self) -> torch.Tensor: ...
+
+
+class SelectionSampler(Sampler[int]):
+    """Indices of the latest recorded selection, each repeated ``num_generations`` times in a row.
+
+    Every ``__iter__`` snapshots the source's latest selection (K problems); one recorded while an
+    iterator runs is served from the next ``__iter__`` on. Before any record it serves
+    ``initial_ids`` if given, else the whole pool. With ``shuffle`` the problems are permuted by a
+    local generator seeded by ``(seed, source.num_records, epoch)``, else kept in rank order. As in
+    ``DistributedSampler``, the list is padded by wrapping around to a multiple of
+    ``num_replicas`` and rank r takes every ``num_replicas``-th problem from position r: equal
+    lengths, one order on all ranks. As in TRL's ``RepeatSampler``, the rank's problems are cut into
+    blocks of ``batch_size`` (the last padded by wrapping; one block if None), each block is served
+    ``repeat_count`` times and each problem ``num_generations`` times consecutively.
+
+    Args:
+        source: a :class:`Curriculum` or any :class:`SelectionSource`.
+        num_generations: rollouts per problem, >= 1.
+        seed: base seed of the order.
+        num_replicas: ranks sharing the selection, >= 1.
+        rank: this rank, in ``[0, num_replicas)``.
+        shuffle: permute the problems (anew per selection and epoch).
+        repeat_count: times each block is served in a row, >= 1.
+        batch_size: problems per block, or None for all of the rank's problems.
+        initial_ids: (K0,) problem ids served before the first record.
+
+    Raises:
+        GradAlignError: bad settings; from ``__iter__`` and ``__len__``, an empty selection.
+
+    Example:
+        >>> cur = Curriculum(pool_size=4, chunk_size=4)
+        >>> sampler = SelectionSampler(cur, num_generations=2, shuffle=False)
+        >>> list(sampler)
+        [0, 0, 1, 1, 2, 2, 3, 3]
+        >>> _ = cur.next_chunk()
+        >>> cur.record(torch.tensor([3, 1]))
+        >>> list(sampler), len(sampler)
+        ([3, 3, 1, 1], 4)
+    """
+
+    def __init__(
+        self,
+        source: SelectionSource,
+        *,
+        num_generations: int = 1,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        repeat_count: int = 1,
+        batch_size: int | None = None,
+        initial_ids: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        where = "SelectionSampler"
+        if not isinstance(source, SelectionSource):
+            raise GradAlignError(
+                f"{where}: source must have pool_size, num_records and selected_ids(), "
+                f"got {type(source).__name__}"
+            )
+        self._source = source
+        self._num_generations = _check_int(where, "num_generations", num_generations, minimum=1)
+        self._seed = _check_int(where, "seed", seed)
+        self._num_replicas = _check_int(where, "num_replicas", num_replicas, minimum=1)
+        self._rank = _check_int(where, "rank", rank, minimum=0)
+        if rank >= num_replicas:
+            raise GradAlignError(f"{where}: rank must be < num_replicas={num_replicas}, got {rank}")
+        self._shuffle = bool(shuffle)
+        self._repeat_count = _check_int(where, "repeat_count", repeat_count, minimum=1)
+        if batch_size is not None:
+            _check_int(where, "batch_size", batch_size, minimum=1)
+        self._batch_size = batch_size
+        self._initial = initial_ids
+        if initial_ids is not None:
+            self._initial = _ids(where, "initial_ids", initial_ids, source.pool_size)
+        self._epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with the seed and the selection, fixes the order."""
+        self._epoch = _check_int("SelectionSampler.set_epoch", "epoch", epoch, minimum=0)
+
+    def _selection(self, where: str) -> torch.Tensor:
+        if self._source.num_records == 0:
+            ids = torch.arange(self._source.pool_size) if self._initial is None else self._initial
+        else:
+            ids = self._source.selected_ids().to("cpu", torch.int64)
+        if ids.numel() == 0:
+            raise GradAlignError(
+                f"{where}: the selection of record {self._source.num_records} is empty; "
+                "there is nothing to serve"
+            )
+        return ids  # (K,)
+
+    def _sizes(self, k: int) -> tuple[int, int, int]:
+        per_rank = -(-k // self._num_replicas)
+        block = self._batch_size or per_rank
+        return per_rank, block, -(-per_rank // block)
+
+    def __iter__(self) -> Iterator[int]:
+        ids = self._selection("SelectionSampler.__iter__")  # (K,)
+        if self._shuffle:
+            version = self._source.num_records
+            ids = ids[_permutation(len(ids), "sampler", self._seed, version, self._epoch)]
+        per_rank, block, n_blocks = self._sizes(len(ids))
+        padded = ids[torch.arange(per_rank * self._num_replicas) % len(ids)]  # (P * R,)
+        mine = padded[self._rank :: self._num_replicas]  # (P,)
+        mine = mine[torch.arange(n_blocks * block) % per_rank].view(n_blocks, 1, block)  # (B, 1, b)
+        out = mine.expand(n_blocks, self._repeat_count, block)  # (B, repeat, b)
+        out = out.repeat_interleave(self._num_generations, dim=-1)  # (B, repeat, b * G)
+        return iter(out.reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        _, block, n_blocks = self._sizes(len(self._selection("SelectionSampler.__len__")))
+        return n_blocks * block * self._repeat_count * self._num_generations

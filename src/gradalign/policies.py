@@ -1,0 +1,707 @@
+"""Selection policies: a :class:`Candidates` table in, the selected ids out, best first.
+
+A policy is a small object with settings validated at construction and one call,
+``policy(candidates) -> ids``: an int64 tensor of candidate *ids* (not positions) in rank order.
+
+Implementations: by score :class:`TopK`, :class:`TopFraction`, :class:`BottomK`, :class:`Threshold`;
+by pass rate :class:`AccGreedy`, :class:`Learnability`, :class:`AccuracyBand`,
+:class:`DropZeroVariance`; mixed :class:`SimAcc`, :class:`LearnAlign`, :class:`DiverseTopK`,
+:class:`TaskQuota`; sampling :class:`Random`, :class:`Softmax`; combinators :class:`EpsilonMix`,
+:class:`Chain`.
+
+Rules shared by every policy:
+
+* Empty pool: an empty int64 tensor, no error, no warning.
+* ``k`` larger than the pool (or the eligible candidates): all of them, with a ``UserWarning``.
+* Ties are stable: equal keys keep the candidates' order.
+* NaN never reaches a policy: :class:`Candidates` rejects it.
+* A missing signal (``scores``, ``accuracy``, ...) raises :class:`GradAlignError` saying how to
+  provide it.
+* ``seed`` builds a fresh local ``torch.Generator`` per call: calling twice gives the same ids; vary
+  the seed (e.g. with the round) for fresh draws. Global RNG state is never touched.
+
+Shapes: G candidates, D gradient dim, Q validation targets (tasks).
+
+Example:
+    >>> import torch
+    >>> from gradalign.policies import Candidates, TopK
+    >>> c = Candidates(ids=torch.tensor([10, 11, 12]), scores=torch.tensor([0.1, 0.9, 0.5]))
+    >>> TopK(2)(c)
+    tensor([11, 12])
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+import numbers
+import operator
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradalign.errors import GradAlignError
+
+if TYPE_CHECKING:
+    from gradalign.rollouts import Rollouts
+
+__all__ = [
+    "AccGreedy",
+    "AccuracyBand",
+    "BottomK",
+    "Candidates",
+    "Chain",
+    "DiverseTopK",
+    "DropZeroVariance",
+    "EpsilonMix",
+    "LearnAlign",
+    "Learnability",
+    "Policy",
+    "Random",
+    "SimAcc",
+    "Softmax",
+    "TaskQuota",
+    "Threshold",
+    "TopFraction",
+    "TopK",
+]
+
+_PolicyFn = Callable[["Candidates"], torch.Tensor]
+# Optional field -> (dtype, number of dims).
+_FIELDS: dict[str, tuple[torch.dtype, int]] = {
+    "scores": (torch.float32, 1),
+    "accuracy": (torch.float32, 1),
+    "reward_std": (torch.float32, 1),
+    "zero_gradient": (torch.bool, 1),
+    "task_scores": (torch.float32, 2),
+    "grads": (torch.float32, 2),
+}
+_HINTS = {
+    "scores": "pass scores=... (G,), e.g. Candidates.from_rollouts(rollouts, scores=sel.scores)",
+    "accuracy": "build candidates with Candidates.from_rollouts(rollouts) or pass accuracy=...",
+    "task_scores": "pass task_scores=... (G, Q), e.g. gradalign.cosine(grads, targets)",
+    "grads": "pass grads=... (G, D), e.g. the .grads of an extractor's per_group(...) output",
+}
+
+
+def _as_ids(call: str, ids: Any) -> torch.Tensor:
+    ids = torch.as_tensor(ids).detach().cpu()
+    if ids.shape == (0,):  # an empty list arrives as float32
+        ids = ids.long()
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise GradAlignError(
+            f"{call}: ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}"
+        )
+    return ids.long()
+
+
+def _check_field(name: str, value: Any, g: int) -> torch.Tensor:
+    """Validate one optional field of a G-row table and return it as a CPU tensor of its dtype."""
+    dtype, ndim = _FIELDS[name]
+    if not isinstance(value, torch.Tensor):
+        raise GradAlignError(f"Candidates: {name} must be a torch.Tensor, got {type(value)}")
+    if value.dim() != ndim or value.shape[0] != g:
+        want = "(G,)" if ndim == 1 else "(G, ...) 2-D"
+        raise GradAlignError(
+            f"Candidates: {name} must have shape {want} with G={g}, got {tuple(value.shape)}"
+        )
+    if (dtype == torch.bool) != (value.dtype == torch.bool) or value.is_complex():
+        kind = "a bool" if dtype == torch.bool else "a real-valued"
+        raise GradAlignError(f"Candidates: {name} must be {kind} tensor, got {value.dtype}")
+    value = value.detach().to("cpu", dtype)
+    if value.is_floating_point() and value.isnan().any():
+        rows = value.isnan().reshape(g, -1).any(1).nonzero().flatten().tolist()
+        raise GradAlignError(f"Candidates: {name} contains NaN in rows {rows}")
+    if name == "grads" and not value.isfinite().all():
+        raise GradAlignError("Candidates: grads must be finite, got inf")
+    if name == "reward_std" and (value < 0).any():
+        raise GradAlignError(f"Candidates: reward_std must be >= 0, got min {value.min().item()}")
+    return value
+
+
+@dataclass(eq=False)
+class Candidates:
+    """The table every policy reads: one row per candidate problem (group).
+
+    After construction every field is a CPU tensor of the dtype below, or None (all but ``ids``).
+
+    Args:
+        ids: (G,) unique integer problem/group ids (int64).
+        scores: (G,) float32 alignment scores (aggregated over targets).
+        accuracy: (G,) float32 pass rate, the mean reward of the group.
+        reward_std: (G,) float32 population std of the group's rewards (0 = zero-spread group).
+        zero_gradient: (G,) bool, True where the group gradient had zero norm (score defined 0).
+        task_scores: (G, Q) float32 per-validation-task scores.
+        grads: (G, D) float32 (projected) group gradients.
+
+    Raises:
+        GradAlignError: a field is not a tensor or has the wrong shape or dtype, ids repeat, a field
+            holds NaN, grads hold inf, or reward_std is negative.
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+    reward_std: torch.Tensor | None = None
+    zero_gradient: torch.Tensor | None = None
+    task_scores: torch.Tensor | None = None
+    grads: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ids, torch.Tensor):
+            raise GradAlignError(f"Candidates: ids must be a torch.Tensor, got {type(self.ids)}")
+        self.ids = _as_ids("Candidates", self.ids)
+        uniq, counts = torch.unique(self.ids, return_counts=True)
+        if (counts > 1).any():
+            raise GradAlignError(f"Candidates: ids must be unique, got {uniq[counts > 1].tolist()}")
+        for name in _FIELDS:
+            if getattr(self, name) is not None:
+                setattr(self, name, _check_field(name, getattr(self, name), len(self.ids)))
+
+    @classmethod
+    def from_rollouts(
+        cls,
+        rollouts: Rollouts,
+        scores: torch.Tensor | None = None,
+        *,
+        task_scores: torch.Tensor | None = None,
+        grads: torch.Tensor | None = None,
+        zero_gradient: torch.Tensor | None = None,
+    ) -> Candidates:
+        """One row per group of ``rollouts``; accuracy and reward spread come from its rewards.
+
+        Args:
+            rollouts: anything with ``group_ids`` (S,) integers and ``rewards`` (S,) floats.
+            scores: (G,) scores in the order of the sorted unique group ids (as are the others).
+            task_scores: (G, Q) per-task scores.
+            grads: (G, D) group gradients.
+            zero_gradient: (G,) bool zero-norm flags.
+
+        Returns:
+            Candidates with ids = sorted unique group ids, accuracy = mean reward per group and
+            reward_std = population std (unbiased=False) per group, exactly 0 for constant groups.
+        """
+        gids = _as_ids("Candidates.from_rollouts", rollouts.group_ids)
+        rewards = torch.as_tensor(rollouts.rewards).detach().cpu().double()  # (S,)
+        if rewards.shape != gids.shape or rewards.isnan().any():
+            raise GradAlignError(
+                f"Candidates.from_rollouts: rewards must be NaN-free with the shape of group_ids "
+                f"{tuple(gids.shape)}, got {tuple(rewards.shape)}"
+            )
+        ids, inv, counts = torch.unique(gids, return_inverse=True, return_counts=True)
+        # float64 two-pass: a constant group's mean is exact, so its spread is exactly 0.
+        mean = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inv, rewards) / counts
+        sq = torch.zeros_like(mean).index_add_(0, inv, (rewards - mean[inv]) ** 2)  # (G,)
+        return cls(
+            ids=ids,
+            scores=scores,
+            accuracy=mean.float(),
+            reward_std=(sq / counts).sqrt().float(),
+            zero_gradient=zero_gradient,
+            task_scores=task_scores,
+            grads=grads,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, ids: Any) -> torch.Tensor:
+        """(n,) int64 row positions of ``ids``; GradAlignError if one is not a candidate."""
+        want = _as_ids("Candidates.positions", ids)
+        order = torch.argsort(self.ids)
+        pos = torch.searchsorted(self.ids[order], want).clamp_max(max(len(self) - 1, 0))
+        found = self.ids[order][pos] == want if len(self) else torch.zeros_like(want).bool()
+        if not found.all():
+            raise GradAlignError(f"Candidates: ids {want[~found].tolist()} are not candidates")
+        return order[pos]
+
+    def subset(self, ids: Any) -> Candidates:
+        """The rows whose id is in ``ids``, in the order given (unique ids of this table)."""
+        pos = self.positions(ids)
+        return replace(self, **{name: v[pos] for name, v in self.to_dict().items()})
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: v for name, v in values.items() if v is not None}
+
+    def table(self, max_rows: int = 20) -> str:
+        """A compact text table of the first ``max_rows`` rows; 2-D fields appear as shapes."""
+        d = self.to_dict()
+        cols = [n for n in ("ids", "scores", "accuracy", "reward_std", "zero_gradient") if n in d]
+        shapes = "".join(f", {n} {tuple(d[n].shape)}" for n in ("task_scores", "grads") if n in d)
+        lines = [f"Candidates(G={len(self)}{shapes})", "  ".join(f"{c:>13}" for c in cols)]
+        for i in range(min(len(self), max_rows)):
+            vals = [d[c][i].item() for c in cols]
+            lines.append(
+                "  ".join(f"{v:>13.4g}" if isinstance(v, float) else f"{v!s:>13}" for v in vals)
+            )
+        if len(self) > max_rows:
+            lines.append(f"... ({len(self) - max_rows} more rows)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table(max_rows=10)
+
+
+# Helpers ------------------------------------------------------------------------------------------
+
+
+def _need(policy: object, c: Candidates, name: str) -> torch.Tensor:
+    value = getattr(c, name)
+    if value is None:
+        raise GradAlignError(f"{type(policy).__name__}: candidates.{name} is None; {_HINTS[name]}")
+    return value
+
+
+def _int(policy: object, name: str, value: Any, minimum: int) -> int:
+    try:
+        n = operator.index(value) if not isinstance(value, bool) else minimum - 1
+    except TypeError:
+        n = minimum - 1
+    if n < minimum:
+        raise GradAlignError(
+            f"{type(policy).__name__}: {name} must be an int >= {minimum}, got {value!r}"
+        )
+    return n
+
+
+def _real(
+    policy: object,
+    name: str,
+    value: Any,
+    ok: Callable[[float], bool] = lambda v: not math.isnan(v),
+    rule: str = "a real number, not NaN",
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
+        raise GradAlignError(f"{type(policy).__name__}: {name} must be {rule}, got {value!r}")
+    return float(value)
+
+
+def _clip_k(policy: object, k: int, n: int, pool: int, what: str = "candidates in the pool") -> int:
+    """min(k, n), with a UserWarning when k > n unless the pool is empty."""
+    if k > n and pool > 0:
+        warnings.warn(
+            f"{type(policy).__name__}: k={k} is larger than the {n} {what}; selecting all {n}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return min(k, n)
+
+
+def _rank(key: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """Stable argsort: equal keys keep the candidates' order."""
+    return torch.sort(key, descending=descending, stable=True).indices
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """(G, D) rows scaled to unit norm; zero rows stay zero, so their cosine with anything is 0."""
+    norm = x.norm(dim=1, keepdim=True)  # (G, 1)
+    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _learnability(p: torch.Tensor) -> torch.Tensor:
+    return p * (1 - p)
+
+
+def _ids_at(candidates: Candidates, positions: list[int]) -> torch.Tensor:
+    return candidates.ids[torch.tensor(positions, dtype=torch.long)]
+
+
+# Base classes -------------------------------------------------------------------------------------
+
+
+class Policy(abc.ABC):
+    """A selection rule: ``policy(candidates)`` returns the selected ids (int64), best first."""
+
+    @abc.abstractmethod
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        """Select from ``candidates`` (G rows); returns (k,) int64 ids in rank order."""
+
+    def __repr__(self) -> str:
+        parts: list[str] = []
+        for p in inspect.signature(type(self)).parameters.values():
+            value: Any = getattr(self, p.name, None)
+            if p.kind is p.VAR_POSITIONAL:
+                parts.extend(repr(v) for v in value or ())
+            else:
+                parts.append(f"{p.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+class _KeyTopK(Policy):
+    """The ``k`` best by a (G,) key, stable; subclasses define the key and its direction."""
+
+    descending = True
+
+    def __init__(self, k: int) -> None:
+        self.k = _int(self, "k", k, 1)
+
+    @abc.abstractmethod
+    def _key(self, c: Candidates) -> torch.Tensor:
+        """(G,) ranking key."""
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        key = self._key(candidates)
+        k = _clip_k(self, self.k, len(candidates), len(candidates))
+        return candidates.ids[_rank(key, self.descending)[:k]]
+
+
+# Ranking by a key ---------------------------------------------------------------------------------
+
+
+class TopK(_KeyTopK):
+    """The ``k`` highest scores: rank by ``score`` descending. Needs ``scores``.
+
+    Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+    """
+
+    def _key(self, c: Candidates) -> torch.Tensor:
+        return _need(self, c, "scores")
+
+
+class BottomK(_KeyTopK):
+    """The ``k`` lowest scores (the paper's "negsim"): rank by ``score`` ascending.
+
+    Needs ``scores``. Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order.
+    """
+
+    descending = False
+
+    def _key(self, c: Candidates) -> torch.Tensor:
+        return _need(self, c, "scores")
+
+
+class AccGreedy(_KeyTopK):
+    """Pass rate closest to 0.5: rank by ``|p - 0.5|`` ascending. Needs ``accuracy``.
+
+    Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+    """
+
+    descending = False
+
+    def _key(self, c: Candidates) -> torch.Tensor:
+        return (_need(self, c, "accuracy") - 0.5).abs()
+
+
+class Learnability(_KeyTopK):
+    """Rank by learnability ``p (1 - p)`` descending. Needs ``accuracy``.
+
+    Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+    """
+
+    def _key(self, c: Candidates) -> torch.Tensor:
+        return _learnability(_need(self, c, "accuracy"))
+
+
+class SimAcc(_KeyTopK):
+    """Rank by ``score * 4 p (1 - p)`` descending. Needs ``scores`` and ``accuracy``.
+
+    Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+    """
+
+    def _key(self, c: Candidates) -> torch.Tensor:
+        return _need(self, c, "scores") * 4 * _learnability(_need(self, c, "accuracy"))
+
+
+class LearnAlign(_KeyTopK):
+    """Rank by ``cos(g_i, mean_j g_j) * p_i (1 - p_i)`` descending. Needs ``grads``, ``accuracy``.
+
+    The mean (D,) runs over the candidates given: the pool's own mean gradient. Zero-norm rows, or a
+    zero mean, have cosine 0. Empty pool -> empty; k > G -> all + UserWarning; ties stable.
+    """
+
+    def _key(self, c: Candidates) -> torch.Tensor:
+        grads = _need(self, c, "grads")  # (G, D)
+        mean = _unit_rows(grads.mean(0, keepdim=True))  # (1, D)
+        return (_unit_rows(grads) @ mean.T).squeeze(1) * _learnability(_need(self, c, "accuracy"))
+
+
+class TopFraction(Policy):
+    """The top ``max(1, round(fraction * G))`` by score, descending. Needs ``scores``.
+
+    ``round`` is Python's (half to even): fraction 0.25 keeps 2 of G=10 and 2 of G=6. Empty pool ->
+    empty; ties keep candidate order; NaN rejected.
+
+    Args:
+        fraction: in (0, 1].
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = _real(self, "fraction", fraction, lambda v: 0 < v <= 1, "in (0, 1]")
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        scores = _need(self, candidates, "scores")
+        return candidates.ids[_rank(scores)[: max(1, round(self.fraction * len(candidates)))]]
+
+
+class Threshold(Policy):
+    """Every candidate with ``score >= min_score``, in descending score order. Needs ``scores``.
+
+    May select nothing (no warning). Empty pool -> empty; ties keep candidate order; NaN rejected.
+
+    Args:
+        min_score: a real number (infinities allowed).
+    """
+
+    def __init__(self, min_score: float) -> None:
+        self.min_score = _real(self, "min_score", min_score)
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        scores = _need(self, candidates, "scores")
+        order = _rank(scores)
+        return candidates.ids[order[scores[order] >= self.min_score]]
+
+
+class DropZeroVariance(Policy):
+    """Drop groups whose rewards have no spread; keep the rest in the candidates' order.
+
+    Keeps ``reward_std > 0`` when ``reward_std`` is set, else ``accuracy not in {0, 1}`` (exact for
+    binary rewards). Only reward spread counts: ``zero_gradient`` is not consulted, so a group with
+    spread but a zero gradient stays (it scores 0; rank it away). Empty pool -> empty.
+    """
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        if candidates.reward_std is not None:
+            return candidates.ids[candidates.reward_std > 0]
+        if candidates.accuracy is not None:
+            return candidates.ids[(candidates.accuracy != 0) & (candidates.accuracy != 1)]
+        raise GradAlignError(
+            "DropZeroVariance: candidates.reward_std and candidates.accuracy are both None; build "
+            "candidates with Candidates.from_rollouts(rollouts) or pass reward_std=/accuracy=..."
+        )
+
+
+# Sampling -----------------------------------------------------------------------------------------
+
+
+class AccuracyBand(Policy):
+    """A uniform sample without replacement among candidates with ``low <= p <= high``.
+
+    Needs ``accuracy``. Empty pool -> empty; NaN rejected.
+
+    Args:
+        low: lower pass-rate bound (inclusive).
+        high: upper pass-rate bound (inclusive), ``>= low``.
+        k: how many to draw; None draws every eligible candidate, in random order. More than are
+            eligible selects all of them with a UserWarning.
+        seed: non-negative int seeding the local generator.
+    """
+
+    def __init__(
+        self, low: float = 0.2, high: float = 0.8, k: int | None = None, seed: int = 0
+    ) -> None:
+        self.low = _real(self, "low", low)
+        self.high = _real(self, "high", high, lambda v: v >= self.low, f">= low={self.low}")
+        self.k = None if k is None else _int(self, "k", k, 1)
+        self.seed = _int(self, "seed", seed, 0)
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        p = _need(self, candidates, "accuracy")
+        eligible = ((p >= self.low) & (p <= self.high)).nonzero().flatten()
+        perm = torch.randperm(len(eligible), generator=_generator(self.seed))
+        what = f"candidates with {self.low} <= accuracy <= {self.high}"
+        k = len(eligible) if self.k is None else self.k
+        k = _clip_k(self, k, len(eligible), len(candidates), what)
+        return candidates.ids[eligible[perm[:k]]]
+
+
+class Random(Policy):
+    """``k`` candidates uniformly at random without replacement, in random order. Needs nothing.
+
+    Empty pool -> empty; k > G -> all (shuffled) + UserWarning.
+
+    Args:
+        k: positive int.
+        seed: non-negative int seeding the local generator.
+    """
+
+    def __init__(self, k: int, seed: int = 0) -> None:
+        self.k = _int(self, "k", k, 1)
+        self.seed = _int(self, "seed", seed, 0)
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        k = _clip_k(self, self.k, len(candidates), len(candidates))
+        return candidates.ids[torch.randperm(len(candidates), generator=_generator(self.seed))[:k]]
+
+
+class Softmax(Policy):
+    """``k`` draws without replacement with probability ``∝ exp(score / T)``. Needs ``scores``.
+
+    Gumbel-top-k: rank by ``score / T + Gumbel(0, 1)`` descending (float64). ``T -> 0`` approaches
+    :class:`TopK` (distinct scores), large ``T`` approaches :class:`Random`. Empty pool -> empty;
+    k > G -> all + UserWarning; NaN rejected.
+
+    Args:
+        k: positive int.
+        temperature: T, finite and > 0.
+        seed: non-negative int seeding the local generator.
+    """
+
+    def __init__(self, k: int, temperature: float = 1.0, seed: int = 0) -> None:
+        self.k = _int(self, "k", k, 1)
+        rule = "finite and > 0"
+        self.temperature = _real(self, "temperature", temperature, lambda v: 0 < v < math.inf, rule)
+        self.seed = _int(self, "seed", seed, 0)
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        scores = _need(self, candidates, "scores").double()
+        u = torch.rand(len(candidates), generator=_generator(self.seed), dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # (G,)
+        k = _clip_k(self, self.k, len(candidates), len(candidates))
+        return candidates.ids[_rank(scores / self.temperature + gumbel)[:k]]
+
+
+# Diversity and several tasks ----------------------------------------------------------------------
+
+
+class DiverseTopK(Policy):
+    """Greedy top-k that penalises redundancy with the chosen set. Needs ``scores`` and ``grads``.
+
+    Step t picks ``argmax_{i free} score_i - redundancy * max_{j chosen} cos(g_i, g_j)``, the max
+    being 0 while nothing is chosen (so the first pick is the top score). Zero-norm gradients have
+    cosine 0 with everything. ``redundancy=0`` equals :class:`TopK`. Empty pool -> empty;
+    k > G -> all + UserWarning; ties go to the earlier candidate; NaN rejected.
+
+    Args:
+        k: positive int.
+        redundancy: λ, finite and >= 0.
+    """
+
+    def __init__(self, k: int, *, redundancy: float = 0.5) -> None:
+        self.k = _int(self, "k", k, 1)
+        rule = "finite and >= 0"
+        self.redundancy = _real(self, "redundancy", redundancy, lambda v: 0 <= v < math.inf, rule)
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        scores = _need(self, candidates, "scores").double()  # (G,)
+        unit = _unit_rows(_need(self, candidates, "grads"))  # (G, D)
+        k = _clip_k(self, self.k, len(candidates), len(candidates))
+        max_sim = torch.zeros_like(scores)  # (G,)
+        free = torch.ones_like(scores, dtype=torch.bool)
+        chosen: list[int] = []
+        for step in range(k):
+            rows = free.nonzero().flatten()
+            i = int(rows[(scores[rows] - self.redundancy * max_sim[rows]).argmax()])
+            chosen.append(i)
+            free[i] = False
+            sim = (unit @ unit[i]).double()  # (G,)
+            max_sim = sim if step == 0 else torch.maximum(max_sim, sim)
+        return _ids_at(candidates, chosen)
+
+
+class TaskQuota(Policy):
+    """Per-task quotas over Q validation tasks, filled round-robin. Needs ``task_scores`` (G, Q).
+
+    Task q ranks the candidates by ``task_scores[:, q]`` (descending, stable). In each round every
+    task that still has quota takes its best candidate not yet taken, tasks in order 0..Q-1; so the
+    result is rank-ordered: every task's first pick, then every task's second pick, and so on. Each
+    task gets exactly ``quotas[q]`` distinct candidates. Empty pool -> empty; ``sum(quotas) > G``
+    -> all G (in that order) + UserWarning; NaN rejected.
+
+    Args:
+        quotas: Q non-negative ints with a positive sum.
+    """
+
+    def __init__(self, quotas: Sequence[int]) -> None:
+        bad = GradAlignError(f"TaskQuota: quotas must be ints >= 0 with sum > 0, got {quotas!r}")
+        try:
+            self.quotas = [_int(self, "quotas", q, 0) for q in quotas]
+        except (GradAlignError, TypeError):
+            raise bad from None
+        if sum(self.quotas) < 1:
+            raise bad
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        ts = _need(self, candidates, "task_scores")  # (G, Q)
+        if ts.shape[1] != len(self.quotas):
+            raise GradAlignError(
+                f"TaskQuota: {len(self.quotas)} quotas but task_scores has {ts.shape[1]} columns"
+            )
+        total = _clip_k(self, sum(self.quotas), len(candidates), len(candidates))
+        ranks = [_rank(ts[:, q]).tolist() for q in range(len(self.quotas))]
+        left, ptr = list(self.quotas), [0] * len(ranks)
+        taken: set[int] = set()
+        out: list[int] = []
+        while len(out) < total:
+            for q, rank in enumerate(ranks):
+                if left[q] == 0 or len(out) == total:
+                    continue
+                while rank[ptr[q]] in taken:
+                    ptr[q] += 1
+                out.append(rank[ptr[q]])
+                taken.add(out[-1])
+                left[q] -= 1
+        return _ids_at(candidates, out)
+
+
+# Combinators --------------------------------------------------------------------------------------
+
+
+class EpsilonMix(Policy):
+    """The inner policy's ranking with each slot, with probability ε, given to a random candidate.
+
+    With k the number of ids the inner policy returns, slot t = 0..k-1 takes, with probability
+    ``epsilon``, a candidate uniformly at random among those not yet chosen, else the inner
+    policy's best id not yet chosen. ``epsilon=0`` is the inner policy; ``epsilon=1`` a uniform
+    random k-subset in random order. Empty pool -> empty.
+
+    Args:
+        policy: any callable ``Candidates -> ids``.
+        epsilon: in [0, 1].
+        seed: non-negative int seeding the local generator.
+    """
+
+    def __init__(self, policy: _PolicyFn, epsilon: float, seed: int = 0) -> None:
+        if not callable(policy):
+            raise GradAlignError(f"EpsilonMix: policy must be callable, got {policy!r}")
+        self.policy = policy
+        self.epsilon = _real(self, "epsilon", epsilon, lambda v: 0 <= v <= 1, "in [0, 1]")
+        self.seed = _int(self, "seed", seed, 0)
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        inner = candidates.positions(self.policy(candidates)).tolist()
+        gen = _generator(self.seed)
+        explore = (torch.rand(len(inner), generator=gen) < self.epsilon).tolist()
+        # Walking a random permutation past taken rows gives a uniform pick among the untaken ones.
+        sources = (inner, torch.randperm(len(candidates), generator=gen).tolist())
+        ptr = [0, 0]
+        taken: set[int] = set()
+        out: list[int] = []
+        for coin in explore:
+            while sources[coin][ptr[coin]] in taken:
+                ptr[coin] += 1
+            out.append(sources[coin][ptr[coin]])
+            taken.add(out[-1])
+        return _ids_at(candidates, out)
+
+
+class Chain(Policy):
+    """Apply policies in turn, each to the previous one's selection (in its rank order).
+
+    ``Chain(DropZeroVariance(), TopK(8))`` keeps the 8 best-scored groups that have reward spread.
+    The result is the last policy's output; an empty intermediate selection gives an empty result.
+
+    Args:
+        *policies: one or more callables ``Candidates -> ids``.
+    """
+
+    def __init__(self, *policies: _PolicyFn) -> None:
+        if not policies or not all(callable(p) for p in policies):
+            raise GradAlignError(f"Chain: needs one or more callable policies, got {policies!r}")
+        self.policies = policies
+
+    def __call__(self, candidates: Candidates) -> torch.Tensor:
+        ids = candidates.ids
+        for policy in self.policies:
+            ids = policy(candidates)
+            candidates = candidates.subset(ids)
+        return ids
