@@ -21,6 +21,7 @@ from gradalign.extractors import (
 )
 from gradalign.objective import GRPOObjective
 from gradalign.policies import Candidates
+from gradalign.preconditioning import AdamPreconditioner
 from gradalign.rollouts import Rollouts
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
 from gradalign.selector import Alignment, GradAlign, Selection
@@ -28,6 +29,7 @@ from gradalign.selector import Alignment, GradAlign, Selection
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamPreconditioner",
     "Alignment",
     "Candidates",
     "Curriculum",

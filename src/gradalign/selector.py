@@ -120,6 +120,10 @@ class GradAlign:
         aggregate: with several validation tasks, how per-task scores reduce ("max", "mean", "min").
         keep_grads: keep candidate gradients on the result (for diversity-aware policies); costs
             G x D memory.
+        preconditioner: optimizer-aware targets: parameter name -> scale applied to the validation
+            gradient before the target is formed, e.g. ``AdamPreconditioner.from_optimizer(opt,
+            model)`` (the LESS preconditioning ``g_V / (sqrt(v_hat) + eps)``); needs an extractor
+            that works on named parameters (FullGradient, RandomProjectedGradient).
 
     Example:
         >>> ga = GradAlign(RandomProjectedGradient(dim=1024), policy=TopK(8))  # doctest: +SKIP
@@ -137,6 +141,7 @@ class GradAlign:
         target: str = "mean",
         aggregate: str = "max",
         keep_grads: bool = False,
+        preconditioner: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if extractor is not None and not isinstance(extractor, GradientExtractor):
             raise GradAlignError(
@@ -161,6 +166,12 @@ class GradAlign:
         self.target = target
         self.aggregate = aggregate
         self.keep_grads = keep_grads
+        if preconditioner is not None and not hasattr(self.extractor, "preconditioner"):
+            raise GradAlignError(
+                "GradAlign: preconditioner needs an extractor over named parameters "
+                f"(FullGradient, RandomProjectedGradient), got {type(self.extractor).__name__}"
+            )
+        self.preconditioner = preconditioner
 
     def __repr__(self) -> str:
         return (
@@ -178,9 +189,11 @@ class GradAlign:
     ) -> tuple[torch.Tensor, tuple[Any, ...]]:
         """(Q, D) target directions from the validation rollouts, and their task labels."""
         acc = TargetAccumulator(self.target, self.objective, tasks)
-        for chunk in self.extractor.iter_groups(
-            model, validation, self.objective, progress=progress
-        ):
+        extractor = self.extractor
+        if self.preconditioner is not None:
+            # Only the target is preconditioned; candidates keep their plain gradients.
+            extractor = dataclasses.replace(extractor, preconditioner=self.preconditioner)  # type: ignore[type-var]
+        for chunk in extractor.iter_groups(model, validation, self.objective, progress=progress):
             acc.add(chunk)
         sums, weights = acc.state()
         target = acc.result(sums, weights)  # (Q, D)

@@ -12,7 +12,7 @@ Shape glossary: S sequences, T tokens, G groups, D gradient dimension, K project
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +90,8 @@ class FullGradient(GradientExtractor):
         group_chunk: groups per streamed chunk in :meth:`iter_groups`; None keeps a chunk of
             gradients under 1 GiB.
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+        preconditioner: optional parameter name -> scale (e.g. :class:`AdamPreconditioner`) that
+            multiplies each parameter's gradient before it is reduced or projected.
 
     The model is left as found: requires_grad flags, ``.grad`` and train/eval mode (extraction runs
     in eval mode so dropout is off).
@@ -103,6 +105,7 @@ class FullGradient(GradientExtractor):
     batch_size: int = 8
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
+    preconditioner: Mapping[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -129,6 +132,16 @@ class FullGradient(GradientExtractor):
             segments.append(Segment(name, start, start + p.numel()))
             start += p.numel()
         return torch.cat([g.flatten(1) for g in grads], dim=1), tuple(segments)
+
+    def _precondition(
+        self, named: list[tuple[str, nn.Parameter]], grads: list[torch.Tensor]
+    ) -> None:
+        if self.preconditioner is None:
+            return
+        for (name, _), g in zip(named, grads, strict=True):
+            scale = self.preconditioner.get(name)
+            if scale is not None:
+                g.mul_(scale.to(device=g.device, dtype=g.dtype))  # (Gc, *shape) * (*shape)
 
     def iter_groups(
         self,
@@ -170,6 +183,7 @@ class FullGradient(GradientExtractor):
                     lo = g + 1 - len(pending)
                     stacked = [torch.stack(per_param) for per_param in zip(*pending, strict=True)]
                     pending = []
+                    self._precondition(named, stacked)
                     grads, segments = self._reduce(named, stacked)
                     yield GroupGradients(
                         group_ids=rollouts.unique_groups[lo : g + 1].cpu(),
@@ -194,7 +208,8 @@ class RandomProjectedGradient(FullGradient):
         dim: K, the projected dimension.
         kind: "rademacher" (default), "gaussian" or "sjlt" (sparse, fastest on large models).
         seed: projection seed.
-        target_modules, batch_size, group_chunk, max_logits_elements: as in :class:`FullGradient`.
+        target_modules, batch_size, group_chunk, max_logits_elements, preconditioner: as in
+            :class:`FullGradient`.
 
     Example:
         >>> out = RandomProjectedGradient(dim=1024, seed=0).per_group(model, rollouts)  # doctest: +SKIP
@@ -215,10 +230,12 @@ class RandomProjectedGradient(FullGradient):
         batch_size: int = 8,
         group_chunk: int | None = None,
         max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
+        preconditioner: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.dim, self.kind, self.seed = dim, kind, seed
         self.target_modules, self.batch_size = target_modules, batch_size
         self.group_chunk, self.max_logits_elements = group_chunk, max_logits_elements
+        self.preconditioner = preconditioner
         self.__post_init__()
 
     def __post_init__(self) -> None:
