@@ -11,6 +11,7 @@ a policy from :mod:`gradalign.policies` -> :class:`GradAlign` ties them together
 from __future__ import annotations
 
 from gradalign import policies
+from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum, ProblemStats, SelectionSampler
 from gradalign.errors import GradAlignError
 from gradalign.extractors import (
@@ -20,7 +21,6 @@ from gradalign.extractors import (
     RandomProjectedGradient,
 )
 from gradalign.objective import GRPOObjective
-from gradalign.policies import Candidates
 from gradalign.preconditioning import AdamPreconditioner
 from gradalign.rollouts import Rollouts
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product

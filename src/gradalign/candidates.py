@@ -1,0 +1,192 @@
+"""The candidate table that every selection policy reads.
+
+Implementations: :class:`Candidates` (one row per candidate problem: ids, scores, accuracy, reward
+spread, zero-gradient flags, per-task scores, gradients), validated on construction and built from
+rollouts with :meth:`Candidates.from_rollouts`.
+
+Shapes: G candidates, D gradient dim, Q validation targets (tasks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradalign.errors import GradAlignError
+
+if TYPE_CHECKING:
+    from gradalign.rollouts import Rollouts
+
+__all__ = ["Candidates"]
+
+# Optional field -> (dtype, number of dims).
+_FIELDS: dict[str, tuple[torch.dtype, int]] = {
+    "scores": (torch.float32, 1),
+    "accuracy": (torch.float32, 1),
+    "reward_std": (torch.float32, 1),
+    "zero_gradient": (torch.bool, 1),
+    "task_scores": (torch.float32, 2),
+    "grads": (torch.float32, 2),
+}
+
+
+def _as_ids(call: str, ids: Any) -> torch.Tensor:
+    ids = torch.as_tensor(ids).detach().cpu()
+    if ids.shape == (0,):  # an empty list arrives as float32
+        ids = ids.long()
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise GradAlignError(
+            f"{call}: ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}"
+        )
+    return ids.long()
+
+
+def _check_field(name: str, value: Any, g: int) -> torch.Tensor:
+    """Validate one optional field of a G-row table and return it as a CPU tensor of its dtype."""
+    dtype, ndim = _FIELDS[name]
+    if not isinstance(value, torch.Tensor):
+        raise GradAlignError(f"Candidates: {name} must be a torch.Tensor, got {type(value)}")
+    if value.dim() != ndim or value.shape[0] != g:
+        want = "(G,)" if ndim == 1 else "(G, ...) 2-D"
+        raise GradAlignError(
+            f"Candidates: {name} must have shape {want} with G={g}, got {tuple(value.shape)}"
+        )
+    if (dtype == torch.bool) != (value.dtype == torch.bool) or value.is_complex():
+        kind = "a bool" if dtype == torch.bool else "a real-valued"
+        raise GradAlignError(f"Candidates: {name} must be {kind} tensor, got {value.dtype}")
+    value = value.detach().to("cpu", dtype)
+    if value.is_floating_point() and value.isnan().any():
+        rows = value.isnan().reshape(g, -1).any(1).nonzero().flatten().tolist()
+        raise GradAlignError(f"Candidates: {name} contains NaN in rows {rows}")
+    if name == "grads" and not value.isfinite().all():
+        raise GradAlignError("Candidates: grads must be finite, got inf")
+    if name == "reward_std" and (value < 0).any():
+        raise GradAlignError(f"Candidates: reward_std must be >= 0, got min {value.min().item()}")
+    return value
+
+
+@dataclass(eq=False)
+class Candidates:
+    """The table every policy reads: one row per candidate problem (group).
+
+    After construction every field is a CPU tensor of the dtype below, or None (all but ``ids``).
+
+    Args:
+        ids: (G,) unique integer problem/group ids (int64).
+        scores: (G,) float32 alignment scores (aggregated over targets).
+        accuracy: (G,) float32 pass rate, the mean reward of the group.
+        reward_std: (G,) float32 population std of the group's rewards (0 = zero-spread group).
+        zero_gradient: (G,) bool, True where the group gradient had zero norm (score defined 0).
+        task_scores: (G, Q) float32 per-validation-task scores.
+        grads: (G, D) float32 (projected) group gradients.
+
+    Raises:
+        GradAlignError: a field is not a tensor or has the wrong shape or dtype, ids repeat, a field
+            holds NaN, grads hold inf, or reward_std is negative.
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+    reward_std: torch.Tensor | None = None
+    zero_gradient: torch.Tensor | None = None
+    task_scores: torch.Tensor | None = None
+    grads: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ids, torch.Tensor):
+            raise GradAlignError(f"Candidates: ids must be a torch.Tensor, got {type(self.ids)}")
+        self.ids = _as_ids("Candidates", self.ids)
+        uniq, counts = torch.unique(self.ids, return_counts=True)
+        if (counts > 1).any():
+            raise GradAlignError(f"Candidates: ids must be unique, got {uniq[counts > 1].tolist()}")
+        for name in _FIELDS:
+            if getattr(self, name) is not None:
+                setattr(self, name, _check_field(name, getattr(self, name), len(self.ids)))
+
+    @classmethod
+    def from_rollouts(
+        cls,
+        rollouts: Rollouts,
+        scores: torch.Tensor | None = None,
+        *,
+        task_scores: torch.Tensor | None = None,
+        grads: torch.Tensor | None = None,
+        zero_gradient: torch.Tensor | None = None,
+    ) -> Candidates:
+        """One row per group of ``rollouts``; accuracy and reward spread come from its rewards.
+
+        Args:
+            rollouts: anything with ``group_ids`` (S,) integers and ``rewards`` (S,) floats.
+            scores: (G,) scores in the order of the sorted unique group ids (as are the others).
+            task_scores: (G, Q) per-task scores.
+            grads: (G, D) group gradients.
+            zero_gradient: (G,) bool zero-norm flags.
+
+        Returns:
+            Candidates with ids = sorted unique group ids, accuracy = mean reward per group and
+            reward_std = population std (unbiased=False) per group, exactly 0 for constant groups.
+        """
+        gids = _as_ids("Candidates.from_rollouts", rollouts.group_ids)
+        rewards = torch.as_tensor(rollouts.rewards).detach().cpu().double()  # (S,)
+        if rewards.shape != gids.shape or rewards.isnan().any():
+            raise GradAlignError(
+                f"Candidates.from_rollouts: rewards must be NaN-free with the shape of group_ids "
+                f"{tuple(gids.shape)}, got {tuple(rewards.shape)}"
+            )
+        ids, inv, counts = torch.unique(gids, return_inverse=True, return_counts=True)
+        # float64 two-pass: a constant group's mean is exact, so its spread is exactly 0.
+        mean = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inv, rewards) / counts
+        sq = torch.zeros_like(mean).index_add_(0, inv, (rewards - mean[inv]) ** 2)  # (G,)
+        return cls(
+            ids=ids,
+            scores=scores,
+            accuracy=mean.float(),
+            reward_std=(sq / counts).sqrt().float(),
+            zero_gradient=zero_gradient,
+            task_scores=task_scores,
+            grads=grads,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, ids: Any) -> torch.Tensor:
+        """(n,) int64 row positions of ``ids``; GradAlignError if one is not a candidate."""
+        want = _as_ids("Candidates.positions", ids)
+        order = torch.argsort(self.ids)
+        pos = torch.searchsorted(self.ids[order], want).clamp_max(max(len(self) - 1, 0))
+        found = self.ids[order][pos] == want if len(self) else torch.zeros_like(want).bool()
+        if not found.all():
+            raise GradAlignError(f"Candidates: ids {want[~found].tolist()} are not candidates")
+        return order[pos]
+
+    def subset(self, ids: Any) -> Candidates:
+        """The rows whose id is in ``ids``, in the order given (unique ids of this table)."""
+        pos = self.positions(ids)
+        return replace(self, **{name: v[pos] for name, v in self.to_dict().items()})
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: v for name, v in values.items() if v is not None}
+
+    def table(self, max_rows: int = 20) -> str:
+        """A compact text table of the first ``max_rows`` rows; 2-D fields appear as shapes."""
+        d = self.to_dict()
+        cols = [n for n in ("ids", "scores", "accuracy", "reward_std", "zero_gradient") if n in d]
+        shapes = "".join(f", {n} {tuple(d[n].shape)}" for n in ("task_scores", "grads") if n in d)
+        lines = [f"Candidates(G={len(self)}{shapes})", "  ".join(f"{c:>13}" for c in cols)]
+        for i in range(min(len(self), max_rows)):
+            vals = [d[c][i].item() for c in cols]
+            lines.append(
+                "  ".join(f"{v:>13.4g}" if isinstance(v, float) else f"{v!s:>13}" for v in vals)
+            )
+        if len(self) > max_rows:
+            lines.append(f"... ({len(self) - max_rows} more rows)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table(max_rows=10)
