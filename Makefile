@@ -42,6 +42,13 @@ pytest: $(VENV)/.dev-stamp
 
 test: lint typecheck pytest
 
+$(VENV)/.docs-stamp: $(VENV)/.dev-stamp
+	$(PIP) install -q -c constraints.txt -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-stamp
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(VENV)/.dev-stamp
 	$(BIN)/python benchmarks/bench_extractors.py $(ARGS)
 

@@ -208,8 +208,11 @@ class RandomProjectedGradient(FullGradient):
         dim: K, the projected dimension.
         kind: "rademacher" (default), "gaussian" or "sjlt" (sparse, fastest on large models).
         seed: projection seed.
-        target_modules, batch_size, group_chunk, max_logits_elements, preconditioner: as in
-            :class:`FullGradient`.
+        target_modules: as in :class:`FullGradient`.
+        batch_size: as in :class:`FullGradient`.
+        group_chunk: as in :class:`FullGradient`.
+        max_logits_elements: as in :class:`FullGradient`.
+        preconditioner: as in :class:`FullGradient`.
 
     Example:
         >>> out = RandomProjectedGradient(dim=1024, seed=0).per_group(model, rollouts)  # doctest: +SKIP
