@@ -42,18 +42,24 @@ KINDS = ("rademacher", "gaussian", "sjlt")
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**27, so uint32 * _MUL fits in int64
 _GROUP = {"rademacher": 32, "gaussian": 2}  # rows covered by one hash word
-_FR_MAX_ROWS = 16  # above this many rows a dense block + GEMM beats the gather (measured on CPU)
+_FR_MAX_ROWS = 32  # above this many rows a dense block + GEMM beats the gather (measured on CPU)
+_DEFAULT_NNZ = 4  # a few nonzeros per feature: much lower variance than CountSketch on spiky inputs
 _BLOCK_BYTES = 4 << 20  # per-block working set: stays cache-friendly, far below the dense matrix
+_MAX_BLOCK = 1 << 24  # rows; keeps the gather's int32 table indices (256 per 8 rows) in range
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """32-bit integer finalizer on int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
+def _rounds(x: torch.Tensor) -> torch.Tensor:
+    """Two multiply-xorshift rounds, in place, on a fresh int64 tensor of values in [0, 2**32)."""
     x.mul_(_MUL).bitwise_and_(_M32)
     x ^= x >> 16
     x.mul_(_MUL).bitwise_and_(_M32)
     x ^= x >> 16
     return x
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """32-bit integer finalizer (xorshift, then two rounds) -> a new tensor."""
+    return _rounds(x ^ (x >> 16))
 
 
 def _keys(kind: str, seed: int, name: str, side: str, nnz: int) -> tuple[int, int]:
@@ -69,7 +75,7 @@ def _words(keys: tuple[int, int], rows: range, cols: range, device: torch.device
     rh = _mix(_mix((r & _M32) ^ keys[0]) ^ (r >> 32))  # (R,)
     c = torch.arange(cols.start, cols.stop, device=device, dtype=torch.int64)
     ch = _mix(_mix(c ^ keys[1]) ^ 0x9E3779B9)  # (C,)
-    return _mix(ch[:, None] ^ rh[None, :])  # (C, R)
+    return _rounds(ch[:, None] ^ rh[None, :])  # (C, R); both halves already mixed
 
 
 def _split(words: torch.Tensor, parts: int) -> torch.Tensor:
@@ -103,7 +109,7 @@ def _dense_t(
     g0, g1 = a // g, -(-b // g)
     pieces = _split(_words(keys, range(g0, g1), range(dim), dev), 4 if g == 32 else 2)
     vals = _table(kind, dev).index_select(0, pieces.flatten())
-    return vals.view(dim, -1)[:, a - g0 * g : b - g0 * g]  # (K, b - a)
+    return vals.view(dim, (g1 - g0) * g)[:, a - g0 * g : b - g0 * g]  # (K, b - a)
 
 
 def _sjlt_cells(
@@ -165,7 +171,7 @@ def _project_four_russians(
         idx = _split(_words(keys, range(g0, g1), range(dim), dev), 4)  # (K, chunks) bytes
         idx.mul_(chunks).add_(torch.arange(chunks, device=dev, dtype=torch.int32))
         out_t += F.embedding_bag(idx, sums.view(-1, n_rows), mode="sum")  # (K, N)
-    return out_t.t().mul(1.0 / math.sqrt(dim))
+    return out_t.t().contiguous().mul_(1.0 / math.sqrt(dim))
 
 
 def _project_sjlt(
@@ -187,13 +193,18 @@ def _int(call: str, what: str, value: object, low: int | None = None) -> int:
     return value
 
 
-def _check(call: str, kind: object, dim: object, seed: object, nnz: object) -> None:
+def _check(call: str, kind: object, dim: object, seed: object, nnz: object) -> int:
+    """Validate the settings; returns the effective sjlt_nnz (None -> min(4, dim))."""
     if kind not in KINDS:
         raise GradAlignError(f"{call}: kind must be one of {KINDS}, got {kind!r}")
     dim = _int(call, "dim", dim, 1)
     _int(call, "seed", seed)
-    if _int(call, "sjlt_nnz", nnz, 1) > dim and kind == "sjlt":
+    if nnz is None:
+        return min(_DEFAULT_NNZ, dim)
+    nnz = _int(call, "sjlt_nnz", nnz, 1)
+    if nnz > dim and kind == "sjlt":
         raise GradAlignError(f"{call}: sjlt_nnz must be <= dim={dim}, got {nnz!r}")
+    return nnz
 
 
 def _check_names(call: str, name: object, side: object) -> None:
@@ -211,7 +222,7 @@ def projection_block(
     start: int,
     stop: int,
     side: str = "",
-    sjlt_nnz: int = 4,
+    sjlt_nnz: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -229,7 +240,8 @@ def projection_block(
         start: First row (global input-feature index), ``>= 0``.
         stop: One past the last row, ``>= start``.
         side: Extra key, e.g. ``"in"``/``"out"`` for factorized projections.
-        sjlt_nnz: Nonzeros per row for ``"sjlt"`` (ignored otherwise), ``1 <= sjlt_nnz <= dim``.
+        sjlt_nnz: Nonzeros per row for ``"sjlt"`` (ignored otherwise), ``1 <= sjlt_nnz <= dim``;
+            None means ``min(4, dim)``.
         device: Where to build the block (default CPU).
         dtype: Floating dtype of the result.
 
@@ -242,7 +254,7 @@ def projection_block(
         (torch.Size([3, 4]), True)
     """
     call = "projection_block"
-    _check(call, kind, dim, seed, sjlt_nnz)
+    sjlt_nnz = _check(call, kind, dim, seed, sjlt_nnz)
     _check_names(call, name, side)
     start = _int(call, "start", start, 0)
     stop = _int(call, "stop", stop, start)
@@ -268,7 +280,7 @@ def project(
     name: str,
     side: str = "",
     offset: int = 0,
-    sjlt_nnz: int = 4,
+    sjlt_nnz: int | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Project rows of x with rows ``offset..offset+n`` of R, generated block by block.
@@ -286,7 +298,8 @@ def project(
         name: Name of the tensor x's columns belong to.
         side: Extra key, e.g. ``"in"``/``"out"``.
         offset: Global index of x's first column within the tensor, ``>= 0``.
-        sjlt_nnz: Nonzeros per input feature for ``"sjlt"`` (ignored otherwise).
+        sjlt_nnz: Nonzeros per input feature for ``"sjlt"`` (ignored otherwise); None means
+            ``min(4, dim)``.
         block_size: Rows of R per block (default: a few MiB of temporaries per block).
 
     Returns:
@@ -298,7 +311,7 @@ def project(
         torch.Size([2, 8])
     """
     call = "project"
-    _check(call, kind, dim, seed, sjlt_nnz)
+    sjlt_nnz = _check(call, kind, dim, seed, sjlt_nnz)
     _check_names(call, name, side)
     offset = _int(call, "offset", offset, 0)
     if block_size is not None:
@@ -310,8 +323,10 @@ def project(
             f"{call}: x must be a 2-D (N, n) floating tensor, got shape {tuple(x.shape)} "
             f"and dtype {x.dtype}"
         )
+    if x.shape[0] == 0:
+        return torch.zeros(0, dim, device=x.device, dtype=torch.float32)
     keys = _keys(kind, seed, name, side, sjlt_nnz)
-    size = block_size or _default_block(kind, dim, x.shape[0], sjlt_nnz)
+    size = min(block_size or _default_block(kind, dim, x.shape[0], sjlt_nnz), _MAX_BLOCK)
     if kind == "sjlt":
         out = _project_sjlt(x, keys, dim, sjlt_nnz, offset, size)
     elif kind == "rademacher" and x.shape[0] <= _FR_MAX_ROWS:
@@ -331,7 +346,8 @@ class Projector:
         dim: K, the projection dimension (``>= 1``).
         kind: One of ``KINDS``.
         seed: Any int; the same seed gives the same matrices on every device and process.
-        sjlt_nnz: Nonzeros per input feature for ``"sjlt"`` (``1 <= sjlt_nnz <= dim``).
+        sjlt_nnz: Nonzeros per input feature for ``"sjlt"`` (``1 <= sjlt_nnz <= dim``; None
+            means ``min(4, dim)``).
         block_size: Rows of R per block in :func:`project` (None: automatic).
 
     Example:
@@ -343,7 +359,7 @@ class Projector:
     dim: int
     kind: str = "rademacher"
     seed: int = 0
-    sjlt_nnz: int = 4
+    sjlt_nnz: int | None = None
     block_size: int | None = None
 
     def __post_init__(self) -> None:

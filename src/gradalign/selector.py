@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradalign import distributed as _dist
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor
 from gradalign.extractors.full import FullGradient
@@ -120,6 +121,12 @@ class GradAlign:
         aggregate: with several validation tasks, how per-task scores reduce ("max", "mean", "min").
         keep_grads: keep candidate gradients on the result (for diversity-aware policies); costs
             G x D memory.
+        distributed: "auto" (default) takes the multi-process path when ``torch.distributed`` is
+            initialized with several ranks; True requires it; False never communicates; a
+            :class:`~gradalign.distributed.Distributed` picks the process group and timeout. On
+            that path every rank passes its own shard of candidate and validation groups (ids
+            unique across ranks, None for a rank without one): targets are all-reduced, scores
+            all-gathered, and every rank returns the single-process selection.
         preconditioner: optimizer-aware targets: parameter name -> scale applied to the validation
             gradient before the target is formed, e.g. ``AdamPreconditioner.from_optimizer(opt,
             model)`` (the LESS preconditioning ``g_V / (sqrt(v_hat) + eps)``); needs an extractor
@@ -142,6 +149,7 @@ class GradAlign:
         aggregate: str = "max",
         keep_grads: bool = False,
         preconditioner: Mapping[str, torch.Tensor] | None = None,
+        distributed: bool | str | _dist.Distributed = "auto",
     ) -> None:
         if extractor is not None and not isinstance(extractor, GradientExtractor):
             raise GradAlignError(
@@ -166,6 +174,7 @@ class GradAlign:
         self.target = target
         self.aggregate = aggregate
         self.keep_grads = keep_grads
+        self.distributed = _dist.check_option("GradAlign", distributed)
         if preconditioner is not None and not hasattr(self.extractor, "preconditioner"):
             raise GradAlignError(
                 "GradAlign: preconditioner needs an extractor over named parameters "
@@ -179,10 +188,11 @@ class GradAlign:
             f"scorer={self.scorer!r}, policy={self.policy!r}, target={self.target!r})"
         )
 
+    @_dist.api_call("GradAlign.targets")
     def targets(
         self,
         model: nn.Module,
-        validation: Rollouts,
+        validation: Rollouts | None,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -193,9 +203,24 @@ class GradAlign:
         if self.preconditioner is not None:
             # Only the target is preconditioned; candidates keep their plain gradients.
             extractor = dataclasses.replace(extractor, preconditioner=self.preconditioner)  # type: ignore[type-var]
-        for chunk in extractor.iter_groups(model, validation, self.objective, progress=progress):
-            acc.add(chunk)
-        sums, weights = acc.state()
+        comm = _dist.resolve(self.distributed)
+        objective = self.objective
+        if comm is not None:
+            objective = _dist.shard_objective(objective, validation, comm)
+        if comm is None or validation is not None:
+            for chunk in extractor.iter_groups(
+                model,
+                validation,  # type: ignore[arg-type]
+                objective,
+                progress=progress,
+            ):
+                acc.add(chunk)
+        if comm is None:
+            sums, weights = acc.state()
+        else:  # the sums over every rank's shard are the single-process sums
+            state = (None, None) if validation is None else acc.state()
+            ids = None if validation is None else validation.unique_groups
+            sums, weights = _dist.all_reduce_target_state(state[0], state[1], comm, group_ids=ids)
         target = acc.result(sums, weights)  # (Q, D)
         labels = tuple(acc.labels or (0,))
         empty = [labels[i] for i in (target == 0).all(dim=1).nonzero().flatten().tolist()]
@@ -208,11 +233,12 @@ class GradAlign:
             )
         return target, labels
 
+    @_dist.api_call("GradAlign.alignment")
     def alignment(
         self,
         model: nn.Module,
-        candidates: Rollouts,
-        validation: Rollouts,
+        candidates: Rollouts | None,
+        validation: Rollouts | None,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -221,16 +247,45 @@ class GradAlign:
 
         Args:
             model: the current policy.
-            candidates: rollouts of the candidate problems (one group per problem).
-            validation: rollouts of the trusted validation problems.
+            candidates: rollouts of the candidate problems (one group per problem); with several
+                processes, this rank's shard (None for none).
+            validation: rollouts of the trusted validation problems (this rank's shard, likewise).
             tasks: optional mapping validation group id -> task label (one target per task).
             progress: show progress bars.
         """
         target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
+        comm = _dist.resolve(self.distributed)
+        if comm is None:
+            rows = self._rows(model, candidates, self.objective, target, progress)  # type: ignore[arg-type]
+        elif candidates is None:  # a rank without candidates still takes part in the gather
+            rows = _dist.all_gather_alignment(None, None, None, None, comm)
+        else:  # this rank's rows, then every rank's, sorted by id
+            objective = _dist.shard_objective(self.objective, candidates, comm)
+            i, d, n, z, g = self._rows(model, candidates, objective, target, progress)
+            rows = _dist.all_gather_alignment(i, d, n, z, comm, grads=g)
+        ids, dot, grad_norm, zero_spread, grads = rows
+        return Alignment(
+            ids=ids,
+            dot=dot,
+            grad_norm=grad_norm,
+            target_norm=target.norm(dim=1),
+            zero_spread=zero_spread,
+            task_labels=labels,
+            grads=grads,
+            aggregate=self.aggregate,
+        )
+
+    def _rows(
+        self,
+        model: nn.Module,
+        candidates: Rollouts,
+        objective: GRPOObjective,
+        target: torch.Tensor,
+        progress: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, dot, grad_norm, zero_spread, grads) of the candidates, streamed, sorted by id."""
         ids, dots, norms, spread, kept = [], [], [], [], []
-        for chunk in self.extractor.iter_groups(
-            model, candidates, self.objective, progress=progress
-        ):
+        for chunk in self.extractor.iter_groups(model, candidates, objective, progress=progress):
             grads = chunk.grads.float()  # (Gc, D)
             ids.append(chunk.group_ids)
             dots.append(grads @ target.T)  # (Gc, Q)
@@ -240,39 +295,43 @@ class GradAlign:
                 kept.append(grads)
         all_ids = torch.cat(ids)
         order = torch.argsort(all_ids)
-        return Alignment(
-            ids=all_ids[order],
-            dot=torch.cat(dots)[order],
-            grad_norm=torch.cat(norms)[order],
-            target_norm=target.norm(dim=1),
-            zero_spread=torch.cat(spread)[order],
-            task_labels=labels,
-            grads=torch.cat(kept)[order] if self.keep_grads else None,
-            aggregate=self.aggregate,
+        return (
+            all_ids[order],
+            torch.cat(dots)[order],
+            torch.cat(norms)[order],
+            torch.cat(spread)[order],
+            torch.cat(kept)[order] if self.keep_grads else None,
         )
 
+    @_dist.api_call("GradAlign.score")
     def score(
         self,
         model: nn.Module,
-        candidates: Rollouts,
-        validation: Rollouts,
+        candidates: Rollouts | None,
+        validation: Rollouts | None,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
     ) -> Candidates:
         """The candidate table with scores, accuracy, reward spread and zero-gradient flags."""
         al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
-        table = Candidates.from_rollouts(candidates, scores=al.scores(self.scorer))
+        comm = _dist.resolve(self.distributed)
+        if comm is None:
+            table = Candidates.from_rollouts(candidates, scores=al.scores(self.scorer))  # type: ignore[arg-type]
+        else:  # pass rates of every rank's groups
+            table = _dist.all_gather_candidates(candidates, comm)
+            table = dataclasses.replace(table, scores=al.scores(self.scorer))
         per_task = al.task_cosine if self.scorer == "cosine" else al.task_inner_product
         return dataclasses.replace(
             table, zero_gradient=al.zero_gradient, task_scores=per_task, grads=al.grads
         )
 
+    @_dist.api_call("GradAlign.select")
     def select(
         self,
         model: nn.Module,
-        candidates: Rollouts,
-        validation: Rollouts,
+        candidates: Rollouts | None,
+        validation: Rollouts | None,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,

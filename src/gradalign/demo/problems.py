@@ -3,50 +3,41 @@
 Problems are drawn from a few seeded story templates per operation (``+``, ``-``, ``*``) with small
 numbers, so a 135M model solves some and fails others: the mixed pass rates GRPO groups need for a
 non-zero gradient. The verifier reads the last number in a completion (the usual "final answer"
-rule of math RL) and gives 1.0 when it equals the answer, else 0.0.
+rule of math RL) and gives 1.0 when it equals the answer, else 0.0. :func:`format_reward` only
+checks that a number is written; the ``--tiny`` demo uses it because an untrained model never
+writes the right answer, which would leave every validation group without reward spread.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
-__all__ = ["Problem", "final_number", "make_problems", "verify"]
+__all__ = ["Problem", "final_number", "format_reward", "make_problems", "verify"]
 
-# (template, operation): {a} and {b} are the operands, {name} a person and {thing} a plural noun.
-_TEMPLATES: tuple[tuple[str, str], ...] = (
-    (
-        "{name} has {a} {thing}. {name} buys {b} more {thing}. How many {thing} does {name} have now?",
-        "+",
-    ),
-    (
-        "There are {a} {thing} on a table and {b} {thing} on a shelf. How many {thing} are there in all?",
-        "+",
-    ),
-    (
+# Story templates per operation: {a} and {b} are the operands, {name} a person, {thing} a noun.
+_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "+": (
+        "{name} has {a} {thing}. {name} buys {b} more {thing}. "
+        "How many {thing} does {name} have now?",
+        "There are {a} {thing} on a table and {b} {thing} on a shelf. "
+        "How many {thing} are there in all?",
         "{name} read {a} pages on Monday and {b} pages on Tuesday. How many pages did {name} read?",
-        "+",
     ),
-    (
+    "-": (
         "{name} had {a} {thing}. {name} gave {b} {thing} to a friend. How many {thing} are left?",
-        "-",
-    ),
-    (
         "A box holds {a} {thing}. {b} {thing} are taken out. How many {thing} remain in the box?",
-        "-",
+        "{name} is {a} years old. {name}'s cousin is {b} years younger. How old is the cousin?",
     ),
-    ("{name} is {a} years old. {name}'s cousin is {b} years younger. How old is the cousin?", "-"),
-    ("There are {a} bags with {b} {thing} in each bag. How many {thing} are there in total?", "*"),
-    (
-        "{name} buys {a} packs of {thing}. Each pack has {b} {thing}. How many {thing} does {name} buy?",
-        "*",
-    ),
-    (
+    "*": (
+        "There are {a} bags with {b} {thing} in each bag. How many {thing} are there in total?",
+        "{name} buys {a} packs of {thing}. Each pack has {b} {thing}. "
+        "How many {thing} does {name} buy?",
         "A garden has {a} rows of plants with {b} plants in each row. How many plants are there?",
-        "*",
     ),
-)
+}
 _NAMES = ("Sam", "Lily", "Omar", "Mia", "Ravi", "Ana", "Ben", "Zoe")
 _THINGS = ("apples", "pencils", "marbles", "stickers", "cookies", "books", "shells", "cards")
 
@@ -69,13 +60,13 @@ class Problem:
 
 
 def _operands(op: str, rng: random.Random) -> tuple[int, int]:
+    # Small operands: SmolLM2-135M then solves roughly one rollout in five, so many groups mix
+    # right and wrong answers (larger numbers leave almost every group all-wrong).
     if op == "*":
-        return rng.randint(2, 9), rng.randint(2, 9)
-    a, b = rng.randint(2, 40), rng.randint(1, 30)
-    if op == "-" and b > a:
-        a, b = b, a
-    if op == "-" and a == b:
-        a += rng.randint(1, 9)
+        return rng.randint(2, 6), rng.randint(2, 6)
+    a, b = rng.randint(2, 15), rng.randint(2, 9)
+    if op == "-" and b >= a:
+        a, b = b + rng.randint(1, 6), a
     return a, b
 
 
@@ -83,16 +74,20 @@ def _answer(op: str, a: int, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
-def make_problems(n: int, seed: int, *, start_id: int = 0) -> list[Problem]:
-    """Draw ``n`` word problems from the templates with a private ``random.Random(seed)``.
+def make_problems(
+    n: int, seed: int, *, start_id: int = 0, exclude: Collection[str] = ()
+) -> list[Problem]:
+    """Draw ``n`` distinct word problems from the templates with a private ``random.Random(seed)``.
 
     Args:
         n: Number of problems.
-        seed: Seed; the same ``(n, seed)`` gives the same problems.
+        seed: Seed; the same arguments give the same problems.
         start_id: Id of the first problem (ids are consecutive).
+        exclude: Question texts to skip, e.g. the pool's when drawing validation problems.
 
     Returns:
-        The problems, operations cycling through the templates in a seeded order.
+        The problems (operations equally likely), each question distinct and none in
+        ``exclude``.
 
     Example:
         >>> p = make_problems(2, seed=0)
@@ -100,12 +95,16 @@ def make_problems(n: int, seed: int, *, start_id: int = 0) -> list[Problem]:
         [0, 1]
     """
     rng = random.Random(seed)
-    problems = []
-    for i in range(n):
-        template, op = rng.choice(_TEMPLATES)
+    seen = set(exclude)
+    problems: list[Problem] = []
+    while len(problems) < n:
+        op = rng.choice("+-*")
+        template = rng.choice(_TEMPLATES[op])
         a, b = _operands(op, rng)
         text = template.format(a=a, b=b, name=rng.choice(_NAMES), thing=rng.choice(_THINGS))
-        problems.append(Problem(start_id + i, text, _answer(op, a, b), op))
+        if text not in seen:
+            seen.add(text)
+            problems.append(Problem(start_id + len(problems), text, _answer(op, a, b), op))
     return problems
 
 
@@ -136,3 +135,14 @@ def verify(completion: str, answer: int) -> float:
     """
     value = final_number(completion)
     return 1.0 if value is not None and value == answer else 0.0
+
+
+def format_reward(completion: str, answer: int) -> float:
+    """Format-only reward: 1.0 if ``completion`` writes any number, else 0.0 (``answer`` unused).
+
+    Example:
+        >>> format_reward("x7q", 12), format_reward("xyz", 12)
+        (1.0, 0.0)
+    """
+    del answer  # same signature as verify, so the two are interchangeable
+    return 1.0 if final_number(completion) is not None else 0.0

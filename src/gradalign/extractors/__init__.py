@@ -5,12 +5,16 @@ projection, never stored), built on :class:`GradientExtractor` and returning :cl
 """
 
 from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment
+from gradalign.extractors.factorized import FactorizedGradient
 from gradalign.extractors.full import FullGradient, RandomProjectedGradient
+from gradalign.extractors.lora import LoRAGradient
 
 __all__ = [
+    "FactorizedGradient",
     "FullGradient",
     "GradientExtractor",
     "GroupGradients",
+    "LoRAGradient",
     "RandomProjectedGradient",
     "Segment",
 ]

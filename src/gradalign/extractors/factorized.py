@@ -1,0 +1,463 @@
+"""Per-group gradients of linear layers from module hooks, one batched backward for many groups.
+
+Implementations: :class:`FactorizedGradient` (the public extractor) on top of
+:func:`factorized_chunks` (the engine, shared with :class:`~gradalign.extractors.lora.LoRAGradient`).
+
+The weight gradient of a linear layer ``y = W a + b`` summed over a sequence's tokens is
+``sum_t g_t a_t^T`` (``g_t`` the gradient of the loss w.r.t. ``y_t``), so with projections
+``P_in`` (K_in, d_in) and ``P_out`` (K_out, d_out) the projected gradient is
+``P_out (sum_t g_t a_t^T) P_in^T = sum_t (P_out g_t)(P_in a_t)^T``. A forward hook projects each layer
+input, a hook on the layer output projects the incoming gradient, and their per-group sums of outer
+products are scatter-added into the rows of the chunk: no per-sequence full gradient ever exists.
+Sequences are independent, so one backward over a micro-batch of many groups gives every group's
+gradient. All parameters are frozen during extraction, which skips every weight-gradient GEMM;
+gradient flows from the input embeddings' output, made a leaf that requires grad.
+
+Projection matrices are rows of :func:`gradalign.projection.projection_block` keyed by
+``(seed, module name, side="in"|"out")``, built once per call and never stored.
+
+Shape glossary: S sequences, T tokens, G groups, D gradient dimension, K projection dimension,
+R token rows reaching a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradalign._forward import (
+    DEFAULT_LOGITS_ELEMENTS,
+    _split_model,
+    response_logprobs,
+    response_positions,
+)
+from gradalign._modules import TargetModules, match_modules
+from gradalign.errors import GradAlignError
+from gradalign.extractors.base import (
+    GradientExtractor,
+    GroupGradients,
+    Segment,
+    extraction_mode,
+    group_rows,
+    model_device,
+    progress_bar,
+)
+from gradalign.objective import GRPOObjective
+from gradalign.projection import KINDS, projection_block
+from gradalign.rollouts import Rollouts
+
+__all__ = ["FactorizedGradient", "factorized_chunks"]
+
+_CHUNK_BYTES = 2**30  # float32 bytes of group gradients held before a chunk is yielded
+
+
+@dataclass
+class _Site:
+    """One hooked linear layer and where its gradient goes in a row."""
+
+    name: str
+    module: nn.Module
+    d_in: int
+    d_out: int
+    transposed: bool  # transformers' Conv1D stores its weight as (d_in, d_out)
+    has_bias: bool
+    start: int = 0
+    r_in: torch.Tensor | None = None  # (d_in, K_in), None = unprojected
+    r_out: torch.Tensor | None = None  # (d_out, K_out)
+
+    @property
+    def k_in(self) -> int:
+        return self.d_in if self.r_in is None else int(self.r_in.shape[1])
+
+    @property
+    def k_out(self) -> int:
+        return self.d_out if self.r_out is None else int(self.r_out.shape[1])
+
+    @property
+    def size(self) -> int:
+        return self.k_out * self.k_in + (self.k_out if self.has_bias else 0)
+
+
+def _make_site(name: str, module: nn.Module, call: str) -> _Site:
+    if isinstance(module, nn.Linear):
+        d_in, d_out, transposed = module.in_features, module.out_features, False
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        d_in, d_out, transposed = int(module.nx), int(module.nf), True  # type: ignore[arg-type]
+    else:
+        raise GradAlignError(
+            f"{call}: module {name!r} is a {type(module).__name__}, not a linear layer "
+            "(nn.Linear or transformers' Conv1D)"
+        )
+    return _Site(name, module, d_in, d_out, transposed, getattr(module, "bias", None) is not None)
+
+
+def _build_sites(
+    named: list[tuple[str, nn.Module]],
+    dims: tuple[int | None, int | None],
+    kind: str,
+    seed: int,
+    call: str,
+) -> tuple[list[_Site], tuple[Segment, ...]]:
+    """Sites with their projection matrices and column ranges, plus the row's segments."""
+    sites, segments, start = [], [], 0
+    for name, module in named:
+        site = _make_site(name, module, call)
+        device = next(module.parameters()).device
+        for side, k in zip(("in", "out"), dims, strict=True):
+            if k is not None:
+                d = site.d_in if side == "in" else site.d_out
+                mat = projection_block(
+                    kind=kind,
+                    dim=k,
+                    seed=seed,
+                    name=name,
+                    start=0,
+                    stop=d,
+                    side=side,
+                    device=device,
+                )  # (d, K)
+                setattr(site, f"r_{side}", mat)
+        site.start = start
+        start += site.size
+        segments.append(Segment(name, site.start, start))
+        sites.append(site)
+    return sites, tuple(segments)
+
+
+@dataclass(frozen=True, eq=False)
+class _Runs:
+    """Rows of one layer call as consecutive runs, each run from one group."""
+
+    groups: torch.Tensor  # (R,) chunk-local group of every row
+    ids: torch.Tensor  # (n,) group of each run
+    counts: list[int]  # rows in each run
+
+    @classmethod
+    def of(cls, groups: torch.Tensor) -> _Runs:
+        ids, counts = torch.unique_consecutive(groups, return_counts=True)
+        return cls(groups, ids, counts.tolist())
+
+
+@dataclass(eq=False)
+class _Recorder:
+    """Hook state of one chunk: the (Gc, D) buffer and the current micro-batch's layout."""
+
+    sites: list[_Site]
+    head: set[int]  # ids of the output head and its submodules (LoRA pieces of a wrapped head)
+    buffer: torch.Tensor  # (Gc, D) float32
+    seq_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    shape: tuple[int, int] = (0, 0)
+    head_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    cursors: dict[int, int] = field(default_factory=dict)  # per head module: rows seen so far
+    recording: bool = False
+    leaves: list[torch.Tensor] = field(default_factory=list)
+    _per_seq: dict[int, _Runs] = field(default_factory=dict)
+
+    def begin(self, seq_group: torch.Tensor, width: int, head_rows: torch.Tensor) -> None:
+        """Start a micro-batch: (S',) chunk-local group of each sequence, padded width T'."""
+        self.seq_group, self.shape, self.head_rows = seq_group, (len(seq_group), width), head_rows
+        self.cursors, self.recording, self.leaves, self._per_seq = {}, True, [], {}
+
+    def _repeat(self, per: int) -> _Runs:
+        """Runs of the rows when every sequence has ``per`` rows (cached per micro-batch)."""
+        if per not in self._per_seq:
+            self._per_seq[per] = _Runs.of(self.seq_group.repeat_interleave(per))
+        return self._per_seq[per]
+
+    def token_groups(self, site: _Site, x: torch.Tensor) -> _Runs | None:
+        """Groups of the rows of ``x`` flattened to (R, d_in); None to skip this call."""
+        s, t = self.shape
+        if id(site.module) in self.head and x.dim() == 2:
+            if not self.recording:
+                return None  # recompute of a checkpointed head chunk: its hooks never fire
+            start = self.cursors.get(id(site.module), 0)
+            seqs = self.head_rows[start : start + x.shape[0]]  # (n,)
+            self.cursors[id(site.module)] = start + x.shape[0]
+            return _Runs.of(self.seq_group[seqs])
+        if x.dim() >= 2 and x.shape[0] == s and x.numel() % (s * site.d_in) == 0:
+            return self._repeat(x.numel() // (s * site.d_in))
+        if x.dim() == 2 and x.shape[0] == s * t:
+            return self._repeat(t)
+        raise GradAlignError(
+            f"FactorizedGradient: module {site.name!r} got an input of shape {tuple(x.shape)} "
+            f"whose rows cannot be traced to the micro-batch's {s} sequences of {t} tokens; "
+            "leave it out with target_modules"
+        )
+
+    def leaf_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """Make the input embeddings' output the leaf that gradients flow back to."""
+        if not (self.recording and torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+            return None
+        leaf = output.detach().requires_grad_()
+        self.leaves.append(leaf)
+        return leaf
+
+    def forward_hook(self, site: _Site, module: nn.Module, args: Any, output: Any) -> None:
+        """Project the layer input and attach the backward half to the layer output."""
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)):
+            return
+        if not output.requires_grad or not args:
+            return  # e.g. the no-grad first pass of reentrant checkpointing
+        x = args[0]
+        runs = self.token_groups(site, x)
+        if runs is None or not runs.counts:
+            return
+        a = x.detach().reshape(-1, site.d_in).float()  # (R, d_in)
+        if a.shape[0] != runs.groups.shape[0]:
+            raise GradAlignError(
+                f"FactorizedGradient: module {site.name!r} got {a.shape[0]} rows but the "
+                f"micro-batch layout accounts for {runs.groups.shape[0]}"
+            )
+        if site.r_in is not None:
+            a = a @ site.r_in  # (R, K_in)
+        output.register_hook(functools.partial(self._accumulate, site, a, runs))
+
+    def _accumulate(self, site: _Site, a: torch.Tensor, runs: _Runs, grad: torch.Tensor) -> None:
+        g = grad.reshape(-1, site.d_out).float()  # (R, d_out)
+        if site.r_out is not None:
+            g = g @ site.r_out  # (R, K_out)
+        left, right = (a, g) if site.transposed else (g, a)
+        n, m = len(runs.counts), runs.counts[0]
+        if all(c == m for c in runs.counts):
+            w = torch.bmm(
+                left.view(n, m, -1).transpose(1, 2), right.view(n, m, -1)
+            )  # (n, K_left, K_right)
+        else:
+            pieces = zip(left.split(runs.counts), right.split(runs.counts), strict=True)
+            w = torch.stack([lp.T @ rp for lp, rp in pieces])  # (n, K_left, K_right)
+        n_w = site.k_out * site.k_in
+        self.buffer.narrow(1, site.start, n_w).index_add_(0, runs.ids, w.flatten(1))
+        if site.has_bias:
+            self.buffer.narrow(1, site.start + n_w, site.k_out).index_add_(0, runs.groups, g)
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, recorder: _Recorder, call: str) -> Iterator[None]:
+    """Register the recorder's hooks; remove every one of them on exit, also after an error."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if not isinstance(emb, nn.Module):
+        raise GradAlignError(
+            f"{call}: the model must expose get_input_embeddings() (gradients flow back to the "
+            f"embeddings' output), got {type(model).__name__} without it"
+        )
+    handles = []
+    try:
+        handles.append(emb.register_forward_hook(recorder.leaf_hook))
+        for site in recorder.sites:
+            hook = functools.partial(recorder.forward_hook, site)
+            handles.append(site.module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _micro_batch(
+    model: nn.Module,
+    recorder: _Recorder,
+    rollouts: Rollouts,
+    objective: GRPOObjective,
+    rows: torch.Tensor,
+    local: torch.Tensor,
+    weights: torch.Tensor | None,
+    max_logits_elements: int,
+    call: str,
+) -> None:
+    """One forward + activation-only backward over ``rows`` (local groups ``local``)."""
+    device = model_device(model)
+    width = int(rollouts.attention_mask[rows].sum(1).max().item())
+    resp = rollouts.response_mask[rows, :width].to(device)  # (S', W)
+    recorder.begin(local.to(device), width, response_positions(resp)[0])
+    with torch.enable_grad():
+        logp = response_logprobs(
+            model,
+            rollouts.input_ids[rows, :width].to(device),
+            rollouts.attention_mask[rows, :width].to(device),
+            resp,
+            max_logits_elements=max_logits_elements,
+        )  # (S', W)
+        recorder.recording = False
+        if weights is None:
+            w = objective.token_weights(
+                rollouts, logp.detach().to(rollouts.device), rows=rows, width=width
+            )  # (S', W)
+        else:
+            w = weights[rows, :width]  # (S', W)
+        loss = -(w.to(logp.device) * logp).sum()
+        if not recorder.leaves or not loss.requires_grad:
+            raise GradAlignError(
+                f"{call}: no gradient reached the loss from the input embeddings' output; the "
+                "model must embed input_ids with the module returned by get_input_embeddings()"
+            )
+        # Not autograd.grad: reentrant checkpointing only supports a plain backward. Nothing but
+        # the embedding-output leaves requires grad, so no parameter's .grad is touched.
+        loss.backward()
+
+
+def factorized_chunks(
+    model: nn.Module,
+    named: list[tuple[str, nn.Module]],
+    rollouts: Rollouts,
+    objective: GRPOObjective,
+    *,
+    dims: tuple[int | None, int | None] = (None, None),
+    kind: str = "gaussian",
+    seed: int = 0,
+    batch_size: int = 16,
+    group_chunk: int | None = None,
+    max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
+    call: str = "FactorizedGradient.per_group",
+    progress: bool = False,
+) -> Iterator[GroupGradients]:
+    """Yield per-group (projected) gradients of the linear layers ``named``, chunk by chunk.
+
+    Args:
+        named: (segment name, linear module) pairs; the name also keys the projections.
+        dims: (K_in, K_out); None leaves that side unprojected.
+        Others: as in :class:`FactorizedGradient`.
+
+    Yields:
+        :class:`GroupGradients` with one segment per module: weight (K_out * K_in, or
+        K_in * K_out for Conv1D, the parameter's own layout) then bias (K_out).
+    """
+    sites, segments = _build_sites(named, dims, kind, seed, call)
+    dim = segments[-1].stop
+    split = _split_model(model)
+    head = {id(m) for m in split[1].modules()} if split is not None else set()
+    chunk = group_chunk or max(1, _CHUNK_BYTES // (4 * dim))
+    # Rows with all-zero weights (zero-spread groups) add nothing: skip their forward entirely.
+    weights = None if objective.needs_logprobs(rollouts) else objective.token_weights(rollouts)
+    active = torch.ones(len(rollouts), dtype=torch.bool) if weights is None else weights.any(1)
+    zero_spread = objective.zero_spread(rollouts).cpu()
+    tokens = torch.zeros(rollouts.num_groups, dtype=torch.long)
+    tokens.index_add_(0, rollouts.group_index.cpu(), rollouts.response_mask.sum(1).cpu())
+    sizes = rollouts.group_sizes().cpu()
+    by_group = group_rows(rollouts)
+    n_groups = len(by_group)
+    starts = range(0, n_groups, chunk)
+    for lo in progress_bar(starts, enabled=progress, total=len(starts), desc=call.split(".")[0]):
+        hi = min(n_groups, lo + chunk)
+        rows = torch.cat(by_group[lo:hi])  # (S_c,) grouped, groups ascending
+        rows = rows[active[rows].to(rows.device)]
+        local = rollouts.group_index[rows] - lo  # (S_c,)
+        buffer = torch.zeros(hi - lo, dim, dtype=torch.float32, device=model_device(model))
+        recorder = _Recorder(sites, head, buffer)
+        with extraction_mode(model, []), _hooked(model, recorder, call):
+            for mb, mb_local in zip(rows.split(batch_size), local.split(batch_size), strict=True):
+                if mb.numel() == 0:
+                    continue  # a chunk of zero-spread groups only
+                _micro_batch(
+                    model,
+                    recorder,
+                    rollouts,
+                    objective,
+                    mb,
+                    mb_local,
+                    weights,
+                    max_logits_elements,
+                    call,
+                )
+        yield GroupGradients(
+            group_ids=rollouts.unique_groups[lo:hi].cpu(),
+            grads=buffer.cpu(),
+            num_sequences=sizes[lo:hi],
+            num_tokens=tokens[lo:hi],
+            zero_spread=zero_spread[lo:hi],
+            segments=segments,
+        )
+
+
+@dataclass
+class FactorizedGradient(GradientExtractor):
+    """Per-group gradients of linear layers, each side randomly projected, from hooks.
+
+    For every targeted layer the row holds ``P_out G P_in^T`` (weight, K_out x K_in) and ``P_out gb``
+    (bias), where ``G``/``gb`` is the group's exact gradient of that layer; ``dim_in=None`` or
+    ``dim_out=None`` leaves that side unprojected, so both None give the exact gradient. Cost: one
+    forward plus the input-gradient half of one backward over all rollouts.
+
+    Args:
+        dim_in: K_in, projection of each layer's input side; None for none.
+        dim_out: K_out, projection of each layer's output side; None for none.
+        kind: projection kind, one of ``gradalign.projection.KINDS`` (default "gaussian").
+        seed: projection seed; matrices are regenerated from (seed, module name, side).
+        target_modules: peft-style selection of linear layers (None: every nn.Linear and
+            transformers Conv1D, the output head included; "all-linear" leaves the head out).
+        batch_size: sequences per forward/backward (many groups share one pass).
+        group_chunk: groups per yielded chunk; None keeps a chunk under 1 GiB.
+        max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+
+    The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode), also after an
+    exception. With tied embeddings the head's segment holds only the output-head use of the
+    shared weight. On a peft model, layers wrapped by LoRA are not linear layers any more: use
+    :class:`~gradalign.extractors.lora.LoRAGradient` for the adapters.
+
+    Example:
+        >>> ext = FactorizedGradient(dim_in=16, dim_out=16, seed=0)
+        >>> out = ext.per_group(model, rollouts)  # doctest: +SKIP
+        >>> out.grads.shape  # (G, sum over layers of 16 * 16 [+ 16 for a bias])  # doctest: +SKIP
+    """
+
+    dim_in: int | None = 16
+    dim_out: int | None = 16
+    kind: str = "gaussian"
+    seed: int = 0
+    target_modules: TargetModules = None
+    batch_size: int = 16
+    group_chunk: int | None = None
+    max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for what in ("dim_in", "dim_out"):
+            value = getattr(self, what)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise GradAlignError(f"{name}: {what} must be an int >= 1 or None, got {value!r}")
+        if self.kind not in KINDS:
+            raise GradAlignError(f"{name}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.seed, int):
+            raise GradAlignError(f"{name}: seed must be an int, got {self.seed!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.group_chunk is not None and self.group_chunk < 1:
+            raise GradAlignError(
+                f"{name}: group_chunk must be >= 1 or None, got {self.group_chunk}"
+            )
+        if self.max_logits_elements < 1:
+            raise GradAlignError(
+                f"{name}: max_logits_elements must be >= 1, got {self.max_logits_elements}"
+            )
+        self.exact = self.dim_in is None and self.dim_out is None
+
+    def iter_groups(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        objective: GRPOObjective | None = None,
+        *,
+        progress: bool = False,
+    ) -> Iterator[GroupGradients]:
+        call = f"{type(self).__name__}.per_group"
+        self._check_inputs(call, model, rollouts)
+        named = match_modules(model, self.target_modules, call=call, linear_only=True)
+        return factorized_chunks(
+            model,
+            named,
+            rollouts,
+            GRPOObjective() if objective is None else objective,
+            dims=(self.dim_in, self.dim_out),
+            kind=self.kind,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            group_chunk=self.group_chunk,
+            max_logits_elements=self.max_logits_elements,
+            call=call,
+            progress=progress,
+        )

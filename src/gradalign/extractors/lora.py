@@ -1,0 +1,188 @@
+"""Per-group gradients of a peft model's LoRA adapter weights only.
+
+Implementations: :class:`LoRAGradient`. The adapters' ``lora_A`` and ``lora_B`` pieces are plain
+``nn.Linear`` layers, so their exact per-group gradients come from the hook engine of
+:mod:`gradalign.extractors.factorized` (unprojected): one forward plus an activation-only backward
+over many groups at once, no weight-gradient GEMM of the base model. With ``dim`` the exact rows are
+then projected like :class:`~gradalign.extractors.full.RandomProjectedGradient` projects them.
+
+Shape glossary: G groups, D adapter parameters, K projection dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradalign._forward import DEFAULT_LOGITS_ELEMENTS
+from gradalign.errors import GradAlignError
+from gradalign.extractors.base import GradientExtractor, GroupGradients
+from gradalign.extractors.factorized import factorized_chunks
+from gradalign.objective import GRPOObjective
+from gradalign.projection import KINDS, project
+from gradalign.rollouts import Rollouts
+
+__all__ = ["LoRAGradient", "lora_modules"]
+
+
+def _active(layer: nn.Module) -> list[str]:
+    active = getattr(layer, "active_adapters", None)
+    if active is None:
+        active = getattr(layer, "active_adapter", [])
+    return [active] if isinstance(active, str) else list(active)
+
+
+def lora_modules(
+    model: nn.Module, adapter_name: str | None = None, *, call: str = "lora_modules"
+) -> list[tuple[str, nn.Module]]:
+    """(parameter name, linear piece) of every active LoRA ``lora_A``/``lora_B`` weight.
+
+    Args:
+        model: a peft model (or a model with LoRA layers injected).
+        adapter_name: restrict to this adapter; None takes every active adapter.
+        call: the public call, for error messages.
+
+    Raises:
+        GradAlignError: when the model has no LoRA adapters, the adapter is unknown or inactive,
+            adapters are merged, or an active adapter has weights outside linear pieces (DoRA
+            magnitudes, embedding or convolution LoRA), whose gradients the hooks cannot see.
+    """
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+    ]
+    if not layers:
+        raise GradAlignError(
+            f"{call}: the model has no LoRA adapters (no module with lora_A/lora_B); wrap it with "
+            f"peft.get_peft_model(model, LoraConfig(...)) first, got {type(model).__name__}"
+        )
+    pieces: list[tuple[str, nn.Module]] = []
+    seen: set[str] = set()
+    for name, layer in layers:
+        if getattr(layer, "merged", False):
+            raise GradAlignError(f"{call}: adapters of {name!r} are merged; unmerge them first")
+        for adapter in _active(layer):
+            if adapter_name is not None and adapter != adapter_name:
+                continue
+            if adapter not in layer.lora_A:
+                continue
+            seen.add(adapter)
+            for part in ("lora_A", "lora_B"):
+                pieces.append((f"{name}.{part}.{adapter}.weight", getattr(layer, part)[adapter]))
+    if adapter_name is not None and adapter_name not in seen:
+        known = sorted({a for _, layer in layers for a in layer.lora_A})
+        raise GradAlignError(
+            f"{call}: adapter_name={adapter_name!r} is not an active adapter; adapters: {known}"
+        )
+    _check_covered(model, pieces, seen, call)
+    return pieces
+
+
+def _check_covered(
+    model: nn.Module, pieces: list[tuple[str, nn.Module]], adapters: set[str], call: str
+) -> None:
+    """Every weight of the chosen adapters must sit in a hooked linear piece."""
+    covered = {id(p) for _, m in pieces for p in m.parameters()}
+    bad_type = [n for n, m in pieces if not isinstance(m, nn.Linear)]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if "lora_" in n and id(p) not in covered and adapters & set(n.split("."))
+    ]
+    if bad_type or missing:
+        raise GradAlignError(
+            f"{call}: only linear LoRA (no DoRA, embedding or convolution adapters) is supported; "
+            f"got adapter weights {(bad_type + missing)[:5]}"
+        )
+
+
+@dataclass
+class LoRAGradient(GradientExtractor):
+    """Exact per-group gradients of the LoRA adapter weights of a peft model.
+
+    Args:
+        dim: None for the exact gradients (one segment per ``lora_A``/``lora_B`` weight, named like
+            ``model.named_parameters()``); an int K projects them to K dimensions with the seeded
+            projection of :class:`~gradalign.extractors.full.RandomProjectedGradient`.
+        kind: projection kind when ``dim`` is set (one of ``gradalign.projection.KINDS``).
+        seed: projection seed.
+        adapter_name: differentiate only this adapter; None takes every active adapter.
+        batch_size: sequences per forward/backward (many groups share one pass).
+        group_chunk: groups per yielded chunk; None keeps a chunk under 1 GiB.
+        max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+
+    The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode); adapter dropout
+    is off during extraction (eval mode).
+
+    Example:
+        >>> out = LoRAGradient().per_group(peft_model, rollouts)  # doctest: +SKIP
+        >>> out.grads.shape  # (G, number of LoRA parameters)  # doctest: +SKIP
+    """
+
+    dim: int | None = None
+    kind: str = "rademacher"
+    seed: int = 0
+    adapter_name: str | None = None
+    batch_size: int = 16
+    group_chunk: int | None = None
+    max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+            raise GradAlignError(f"{name}: dim must be an int >= 1 or None, got {self.dim!r}")
+        if self.kind not in KINDS:
+            raise GradAlignError(f"{name}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.seed, int):
+            raise GradAlignError(f"{name}: seed must be an int, got {self.seed!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.group_chunk is not None and self.group_chunk < 1:
+            raise GradAlignError(
+                f"{name}: group_chunk must be >= 1 or None, got {self.group_chunk}"
+            )
+        self.exact = self.dim is None
+
+    def iter_groups(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        objective: GRPOObjective | None = None,
+        *,
+        progress: bool = False,
+    ) -> Iterator[GroupGradients]:
+        call = f"{type(self).__name__}.per_group"
+        self._check_inputs(call, model, rollouts)
+        named = lora_modules(model, self.adapter_name, call=call)
+        chunks = factorized_chunks(
+            model,
+            named,
+            rollouts,
+            GRPOObjective() if objective is None else objective,
+            batch_size=self.batch_size,
+            group_chunk=self.group_chunk,
+            max_logits_elements=self.max_logits_elements,
+            call=call,
+            progress=progress,
+        )
+        dim = self.dim
+        return chunks if dim is None else (self._project(part, dim) for part in chunks)
+
+    def _project(self, part: GroupGradients, dim: int) -> GroupGradients:
+        """(Gc, D) exact rows -> (Gc, K), summing each weight's own seeded projection."""
+        out = torch.zeros(len(part), dim, dtype=torch.float32)  # (Gc, K)
+        for seg in part.segments:
+            out += project(
+                part.segment(seg.name), kind=self.kind, dim=dim, seed=self.seed, name=seg.name
+            )
+        return GroupGradients(
+            group_ids=part.group_ids,
+            grads=out,
+            num_sequences=part.num_sequences,
+            num_tokens=part.num_tokens,
+            zero_spread=part.zero_spread,
+        )

@@ -1,0 +1,602 @@
+"""GradAlign inside TRL's ``GRPOTrainer``: re-select the training problems every few steps.
+
+Implementations:
+
+- :func:`objective_from_config`: the loss settings of a ``trl.GRPOConfig`` as a
+  :class:`~gradalign.GRPOObjective` (``loss_type`` -> ``loss_agg``, ``scale_rewards``, clip ranges).
+- :class:`StreamingSelectionSampler`: an endless ``Sampler[int]`` in the layout of TRL's
+  ``RepeatSampler`` that re-reads the latest selection of a :class:`~gradalign.Curriculum` at every
+  generation block.
+- :class:`GradAlignGRPOTrainer`: a ``trl.GRPOTrainer`` that runs a selection round before the first
+  step and every ``rescore_every`` optimizer steps, and trains only on the selected problems.
+
+A selection round takes ``curriculum.next_chunk()``, samples ``num_generations`` completions per
+candidate and ``num_validation_generations`` per validation prompt with the trainer's own generation
+path (``GRPOTrainer._generate``: same generation config, chat template, vLLM or transformers
+backend), scores them with the trainer's reward functions (``_calculate_rewards``: the dataset's
+extra columns as keyword arguments, combined with ``reward_weights``), builds
+:class:`~gradalign.Rollouts` grouped by dataset index, runs ``GradAlign.select`` and records the
+selection in the curriculum. Rounds are kept out of the trainer's logged metrics and token count;
+their own summary is logged under ``gradalign/...``.
+
+How a selection reaches the trainer: the training dataloader is built once and reads ahead
+(accelerate's ``DataLoaderShard`` holds one batch in hand, and the Trainer collects the
+``gradient_accumulation_steps`` batches of a step before running it), so the generation batch
+consumed right after a round was drawn before the round. Two pieces make every generation batch
+after a round hold only selected problems:
+
+1. :class:`StreamingSelectionSampler` snapshots the selection at the start of every block of
+   ``generation_batch_size // num_generations`` problems, so every block drawn after a round comes
+   from the new selection. It is endless (it has no length), so the Trainer runs for
+   ``args.max_steps`` steps, with no epochs over a pool that keeps changing.
+2. The trainer adds a ``gradalign_index`` column (the row index) to the training dataset. When a
+   generation batch is about to be generated, a batch holding any problem outside the current
+   selection (one read ahead) is replaced by the sampler's next block; the column is dropped
+   before generation, so reward functions never see it.
+
+Limits of this version: one process (no multi-GPU selection yet), no ``tools``, ``rollout_func``
+or ``environment_factory``, ``multi_objective_aggregation="sum_then_normalize"`` only, and a
+resumed checkpoint does not restore the curriculum (save ``trainer.curriculum.state_dict()``).
+
+Example:
+    >>> from gradalign.integrations.trl import GradAlignGRPOTrainer  # doctest: +SKIP
+    >>> trainer = GradAlignGRPOTrainer(  # doctest: +SKIP
+    ...     model, reward_fn, args=GRPOConfig(output_dir="out", max_steps=100),
+    ...     train_dataset=pool, validation_dataset=trusted, chunk_size=64, rescore_every=10)
+    >>> trainer.train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch.utils.data import Sampler
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from gradalign.curriculum import Curriculum, SelectionSampler, SelectionSource
+from gradalign.errors import GradAlignError
+from gradalign.objective import REWARD_SCALINGS, GRPOObjective
+from gradalign.rollouts import Rollouts
+from gradalign.selector import GradAlign, Selection
+
+__all__ = [
+    "INDEX_COLUMN",
+    "LOSS_AGGREGATION_OF",
+    "GradAlignGRPOTrainer",
+    "StreamingSelectionSampler",
+    "objective_from_config",
+]
+
+logger = logging.getLogger(__name__)
+
+INDEX_COLUMN = "gradalign_index"
+"""Column that :class:`GradAlignGRPOTrainer` adds to the training dataset: each row's index."""
+
+# At ratio 1 (on-policy scoring) every TRL loss has the gradient -A * grad log pi per token (sapo's
+# soft gate and vespo's gamma weight both equal 1 there, with slope 1); they differ only in how
+# token terms are averaged, which is what loss_agg says.
+LOSS_AGGREGATION_OF: dict[str, str] = {
+    "grpo": "seq-mean-token-mean",
+    "sapo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "cispo": "token-mean",
+    "vespo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "luspo": "seq-mean-token-sum",
+}
+"""TRL ``loss_type`` -> :attr:`GRPOObjective.loss_agg`."""
+
+# TRL normalises advantages with std + 1e-4 (std unbiased, as in GRPOObjective).
+_TRL_STD_EPS = 1e-4
+
+
+def objective_from_config(args: Any, *, include_kl: bool = False) -> GRPOObjective:
+    """The GRPO objective that a ``trl.GRPOConfig`` trains with, for scoring problems.
+
+    Mapping: ``loss_type`` -> ``loss_agg`` by :data:`LOSS_AGGREGATION_OF` ("grpo" ->
+    "seq-mean-token-mean", "dapo"/"bnpo" -> "token-mean", "dr_grpo" -> "seq-mean-token-sum-norm"
+    with ``max_response_length=max_completion_length``, ...); ``scale_rewards`` True/"group" ->
+    "group", False/"none" -> "none", "batch" -> "batch"; ``epsilon``/``epsilon_high`` ->
+    ``clip_low``/``clip_high``; the std epsilon is TRL's 1e-4.
+
+    GradAlign scores on-policy (ratio 1), so the clip ranges only act on rollouts that carry
+    ``old_logprobs``, and ``importance_sampling_level`` changes nothing. The KL penalty
+    (``beta``) is left out by default: its gradient does not depend on the rewards and vanishes
+    while the policy equals the reference, and it needs reference log-probs for every candidate
+    rollout. ``include_kl=True`` maps ``beta`` to ``kl_coef``; rollouts then need
+    ``ref_logprobs``. Not mirrored: the entropy mask (``top_entropy_quantile``) and the masking of
+    truncated completions.
+
+    Args:
+        args: a ``trl.GRPOConfig`` (or any object with its ``loss_type``, ``scale_rewards``,
+            ``epsilon``, ``epsilon_high``, ``beta`` and ``max_completion_length``).
+        include_kl: map ``beta`` to ``kl_coef`` (default: ``kl_coef=0``).
+
+    Raises:
+        GradAlignError: an unknown ``loss_type`` or ``scale_rewards``, or "dr_grpo" without a
+            ``max_completion_length``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> cfg = SimpleNamespace(loss_type="dr_grpo", scale_rewards=False, epsilon=0.2,
+        ...                       epsilon_high=0.28, beta=0.0, max_completion_length=256)
+        >>> obj = objective_from_config(cfg)
+        >>> obj.loss_agg, obj.scale_rewards, obj.max_response_length
+        ('seq-mean-token-sum-norm', 'none', 256)
+    """
+    where = "objective_from_config"
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type not in LOSS_AGGREGATION_OF:
+        raise GradAlignError(
+            f"{where}: loss_type must be one of {sorted(LOSS_AGGREGATION_OF)}, got {loss_type!r}"
+        )
+    scale = getattr(args, "scale_rewards", None)
+    if isinstance(scale, bool):
+        scale = "group" if scale else "none"
+    if scale not in REWARD_SCALINGS:
+        raise GradAlignError(
+            f"{where}: scale_rewards must be True, False or one of {REWARD_SCALINGS}, got {scale!r}"
+        )
+    loss_agg = LOSS_AGGREGATION_OF[loss_type]
+    max_length = None
+    if loss_agg == "seq-mean-token-sum-norm":
+        max_length = getattr(args, "max_completion_length", None)
+        if max_length is None:
+            raise GradAlignError(
+                f"{where}: loss_type={loss_type!r} divides by max_completion_length, got None"
+            )
+    epsilon_high = getattr(args, "epsilon_high", None)
+    return GRPOObjective(
+        scale_rewards=scale,
+        loss_agg=loss_agg,
+        eps=_TRL_STD_EPS,
+        clip_low=float(getattr(args, "epsilon", 0.2)),
+        clip_high=None if epsilon_high is None else float(epsilon_high),
+        kl_coef=float(getattr(args, "beta", 0.0)) if include_kl else 0.0,
+        max_response_length=max_length,
+    )
+
+
+def _check_count(where: str, name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise GradAlignError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class StreamingSelectionSampler(Sampler[int]):
+    """Endless indices of the latest selection, in the layout of TRL's ``RepeatSampler``.
+
+    Problems come in blocks of ``batch_size``; each block is served ``repeat_count`` times in a
+    row and each problem ``num_generations`` times consecutively. Every block starts by checking
+    the source: after a new record, blocks walk the new selection from its start. Within one
+    selection the problems are walked in passes, each a fresh order from
+    :class:`~gradalign.SelectionSampler` (seeded by ``seed``, the record count and the pass), so
+    every selected problem is served once per pass. Before any record the sampler serves
+    ``initial_ids``, else the whole pool.
+
+    The sampler has no length: a Trainer given it needs ``max_steps``.
+
+    Args:
+        source: a :class:`~gradalign.Curriculum` or any :class:`~gradalign.curriculum.SelectionSource`.
+        num_generations: rollouts per problem (``GRPOConfig.num_generations``).
+        batch_size: problems per block (``generation_batch_size // num_generations``).
+        repeat_count: times each block is served (``num_iterations * steps_per_generation``).
+        seed: seed of the order.
+        shuffle: permute each pass; False walks the selection in rank order.
+        initial_ids: (K0,) problems served before the first record.
+
+    Raises:
+        GradAlignError: bad settings; from :meth:`next_block`, an empty selection.
+
+    Example:
+        >>> import torch
+        >>> from gradalign import Curriculum
+        >>> cur = Curriculum(pool_size=6, chunk_size=6)
+        >>> sampler = StreamingSelectionSampler(cur, num_generations=2, batch_size=2, shuffle=False)
+        >>> stream = iter(sampler)
+        >>> [next(stream) for _ in range(4)]
+        [0, 0, 1, 1]
+        >>> _ = cur.next_chunk()
+        >>> cur.record(torch.tensor([5, 3]))
+        >>> [next(stream) for _ in range(8)]  # the new selection from the next block on
+        [5, 5, 3, 3, 5, 5, 3, 3]
+    """
+
+    def __init__(
+        self,
+        source: SelectionSource,
+        *,
+        num_generations: int = 1,
+        batch_size: int = 1,
+        repeat_count: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        initial_ids: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        where = "StreamingSelectionSampler"
+        self._num_generations = _check_count(where, "num_generations", num_generations)
+        self._batch_size = _check_count(where, "batch_size", batch_size)
+        self._repeat_count = _check_count(where, "repeat_count", repeat_count)
+        # One pass over the selection; SelectionSampler also validates source, seed, initial_ids.
+        self._pass_sampler = SelectionSampler(
+            source, seed=seed, shuffle=shuffle, initial_ids=initial_ids
+        )
+        self._source = source
+        self._version = -1
+        self._pass = 0
+        self._queue = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int:
+        """Problems per block."""
+        return self._batch_size
+
+    def _pass_order(self, index: int) -> torch.Tensor:
+        self._pass_sampler.set_epoch(index)
+        return torch.tensor(list(self._pass_sampler), dtype=torch.long)  # (K,)
+
+    def current_ids(self) -> torch.Tensor:
+        """(K,) the problems served from the next block on, in no particular order."""
+        return self._pass_order(0)
+
+    def next_block(self) -> torch.Tensor:
+        """(batch_size,) the next block's problems; a selection smaller than a block repeats."""
+        version = self._source.num_records
+        if version != self._version:
+            self._version, self._pass, self._queue = version, 0, self._pass_order(0)
+        parts, need = [], self._batch_size
+        while need:
+            if not len(self._queue):
+                self._pass += 1
+                self._queue = self._pass_order(self._pass)
+            parts.append(self._queue[:need])
+            self._queue = self._queue[len(parts[-1]) :]
+            need -= len(parts[-1])
+        return torch.cat(parts)
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            block = self.next_block()  # (b,)
+            rows = block.repeat_interleave(self._num_generations)  # (b * G,)
+            yield from rows.repeat(self._repeat_count).tolist()  # (repeat * b * G,)
+
+
+def _without_index(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != INDEX_COLUMN}
+
+
+class _SelectionRounds(TrainerCallback):
+    """Runs the trainer's selection rounds: before step 1 and every ``rescore_every`` steps."""
+
+    def __init__(self, trainer: GradAlignGRPOTrainer) -> None:
+        self._trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 0:
+            self._trainer.run_selection_round()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        if step % self._trainer.rescore_every == 0 and step < state.max_steps:
+            self._trainer.run_selection_round()
+
+
+class GradAlignGRPOTrainer(GRPOTrainer):
+    """A ``trl.GRPOTrainer`` that trains only on problems selected by GradAlign.
+
+    Before the first step and then every ``rescore_every`` optimizer steps it runs
+    :meth:`run_selection_round` with the current policy; the train sampler (a
+    :class:`StreamingSelectionSampler` over ``curriculum``) then serves only the selected problems,
+    from the next generation batch on. Everything else (generation, rewards, loss, logging) is
+    the ``GRPOTrainer``'s.
+
+    Args:
+        model, reward_funcs, args, train_dataset: as for ``GRPOTrainer``. ``train_dataset`` is the
+            candidate pool, a map-style ``datasets.Dataset``; ``args.max_steps`` must be set.
+        validation_dataset: the trusted validation problems, a ``datasets.Dataset`` with a
+            ``prompt`` column and the extra columns the reward functions read.
+        selector: a :class:`~gradalign.GradAlign` (extractor, scorer, policy); default
+            ``GradAlign()`` (exact gradients, cosine, top half). Its objective is replaced by
+            ``objective``.
+        objective: the GRPO loss used for scoring; default ``objective_from_config(args)``.
+        curriculum: the chunks of the pool; default ``Curriculum(len(train_dataset),
+            chunk_size, seed=args.seed)``.
+        chunk_size: candidates per round (default: the whole pool); only without ``curriculum``.
+        rescore_every: optimizer steps between rounds.
+        num_validation_generations: completions per validation prompt; default
+            ``num_generations``.
+        **kwargs: passed on to ``GRPOTrainer`` (``processing_class``, ``callbacks``, ...).
+
+    Attributes:
+        curriculum: the :class:`~gradalign.Curriculum` holding every round's record.
+        last_selection: the latest recorded :class:`~gradalign.Selection` (None before).
+        in_selection_round: True while a round samples and scores (reward functions may check it).
+        replaced_batches: generation batches drawn before a round and replaced after it.
+
+    Raises:
+        GradAlignError: unsupported settings (see the module docstring) or bad arguments.
+
+    Example:
+        >>> trainer = GradAlignGRPOTrainer(  # doctest: +SKIP
+        ...     model, reward_fn, args=GRPOConfig(output_dir="out", max_steps=200),
+        ...     train_dataset=pool, validation_dataset=trusted, processing_class=tokenizer,
+        ...     selector=GradAlign(RandomProjectedGradient(dim=8192), policy=TopFraction(0.25)),
+        ...     chunk_size=256, rescore_every=20)
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: Any = None,
+        train_dataset: Any = None,
+        *,
+        validation_dataset: Dataset,
+        selector: GradAlign | None = None,
+        objective: GRPOObjective | None = None,
+        curriculum: Curriculum | None = None,
+        chunk_size: int | None = None,
+        rescore_every: int = 10,
+        num_validation_generations: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        where = "GradAlignGRPOTrainer"
+        _check_dataset(where, "train_dataset", train_dataset)
+        _check_dataset(where, "validation_dataset", validation_dataset)
+        if INDEX_COLUMN in train_dataset.column_names:
+            raise GradAlignError(f"{where}: train_dataset must not have a {INDEX_COLUMN!r} column")
+        if selector is not None and not isinstance(selector, GradAlign):
+            raise GradAlignError(
+                f"{where}: selector must be a GradAlign, got {type(selector).__name__}"
+            )
+        if objective is not None and not isinstance(objective, GRPOObjective):
+            raise GradAlignError(
+                f"{where}: objective must be a GRPOObjective, got {type(objective).__name__}"
+            )
+        self.rescore_every = _check_count(where, "rescore_every", rescore_every)
+        self.curriculum = _curriculum(where, curriculum, chunk_size, train_dataset, args)
+        tagged = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+        super().__init__(model, reward_funcs, args, tagged, **kwargs)
+        k = (
+            self.num_generations
+            if num_validation_generations is None
+            else num_validation_generations
+        )
+        self.num_validation_generations = _check_count(where, "num_validation_generations", k, 2)
+        self._check_supported(where)
+        self.validation_dataset = validation_dataset
+        self.objective: GRPOObjective = (
+            objective_from_config(self.args) if objective is None else objective
+        )
+        self.selector = copy.copy(selector) if selector is not None else GradAlign()
+        self.selector.objective = self.objective
+        self.last_selection: Selection | None = None
+        self.in_selection_round = False
+        self.replaced_batches = 0
+        self._sampler: StreamingSelectionSampler | None = None
+        self.add_callback(_SelectionRounds(self))
+
+    @property
+    def _config(self) -> Any:
+        return self.args  # a GRPOConfig, typed by Trainer as TrainingArguments
+
+    @property
+    def _policy(self) -> torch.nn.Module:
+        model: Any = self.model  # set by Trainer.__init__
+        return model
+
+    @property
+    def _pool(self) -> Dataset:
+        pool: Any = self.train_dataset  # the tagged pool, set by Trainer.__init__
+        return pool
+
+    def _check_supported(self, where: str) -> None:
+        if self.args.max_steps <= 0:
+            raise GradAlignError(
+                f"{where}: args.max_steps must be > 0 (the selection sampler is endless, so the "
+                f"Trainer cannot count epochs), got {self.args.max_steps}"
+            )
+        problems = {
+            "more than one process": self.accelerator.num_processes > 1,
+            "tools": bool(self.tools),
+            "rollout_func": self.rollout_func is not None,
+            "environment_factory": self.environment_factories is not None,
+            f"multi_objective_aggregation={self.multi_objective_aggregation!r}": (
+                self.multi_objective_aggregation != "sum_then_normalize"
+            ),
+            # vLLM generates each prompt num_generations times, whatever the request.
+            "use_vllm with num_validation_generations != num_generations": (
+                self.use_vllm and self.num_validation_generations != self.num_generations
+            ),
+        }
+        found = [name for name, bad in problems.items() if bad]
+        if found:
+            raise GradAlignError(f"{where}: not supported yet: {', '.join(found)}")
+
+    # -- the train sampler and the generation batch ---------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        columns = self._signature_columns
+        if columns is not None and INDEX_COLUMN not in columns:
+            self._signature_columns = [*columns, INDEX_COLUMN]
+
+    def _get_train_sampler(self, dataset: Any = None) -> StreamingSelectionSampler:
+        args = self._config
+        self._sampler = StreamingSelectionSampler(
+            self.curriculum,
+            num_generations=args.num_generations,
+            batch_size=args.generation_batch_size // args.num_generations,
+            repeat_count=args.num_iterations * args.steps_per_generation,
+            seed=args.seed,
+            shuffle=bool(args.shuffle_dataset),
+        )
+        return self._sampler
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if inputs and INDEX_COLUMN in inputs[0]:
+            if self._policy.training:
+                inputs = self._only_selected(inputs)
+            inputs = [_without_index(row) for row in inputs]
+        return super()._generate_and_score_completions(inputs)
+
+    def _only_selected(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The generation batch, or the sampler's next block if it was drawn before a round."""
+        sampler = self._sampler
+        if sampler is None:
+            return rows
+        allowed = set(sampler.current_ids().tolist())
+        if all(int(row[INDEX_COLUMN]) in allowed for row in rows):
+            return rows
+        keys, pool = list(rows[0]), self._pool
+        fresh: list[dict[str, Any]] = []
+        for pid in sampler.next_block().tolist():
+            row = pool[pid]
+            fresh.extend(
+                {key: row[key] for key in keys} for _ in range(self._config.num_generations)
+            )
+        if len(fresh) != len(rows):
+            raise GradAlignError(
+                f"GradAlignGRPOTrainer: a generation batch has {len(rows)} rows but a sampler "
+                f"block gives {len(fresh)}"
+            )
+        self.replaced_batches += 1
+        return fresh
+
+    # -- selection rounds ------------------------------------------------------------------------
+
+    def run_selection_round(self) -> Selection | None:
+        """Score the next chunk of the pool with the current policy and record the selection.
+
+        A round whose validation rollouts all have zero reward spread (no target gradient), whose
+        candidates got no usable rollout, or whose policy selects nothing is logged and skipped:
+        the previous selection stays in force.
+
+        Returns:
+            The recorded selection, or None for a skipped round.
+        """
+        chunk = self.curriculum.next_chunk()  # (M,)
+        with self._round_context():
+            candidates = self._sample(self._pool, chunk.tolist(), self._config.num_generations)
+            validation = self._sample(
+                self.validation_dataset,
+                range(len(self.validation_dataset)),
+                self.num_validation_generations,
+            )
+        step = self.state.global_step
+        if validation is None or bool(self.objective.zero_spread(validation).all()):
+            logger.warning(
+                "GradAlignGRPOTrainer: round at step %d skipped, every validation group has zero "
+                "reward spread (no target gradient); the previous selection stays",
+                step,
+            )
+            return None
+        if candidates is None:
+            logger.warning("GradAlignGRPOTrainer: round at step %d skipped, no candidate", step)
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        selection = self.selector.select(model, candidates, validation)
+        if not selection.ids.numel():
+            logger.warning("GradAlignGRPOTrainer: round at step %d selected nothing", step)
+            return None
+        self.curriculum.record(selection)
+        self.last_selection = selection
+        self._log_round(candidates, validation, selection)
+        return selection
+
+    @contextlib.contextmanager
+    def _round_context(self) -> Iterator[None]:
+        """Sample in train mode as training does; keep the round out of the logs and token count."""
+        saved = (self._metrics, self._pending_extra_logs, self._pending_metrics)
+        policy = self._policy
+        tokens, training = self.state.num_input_tokens_seen, policy.training
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        self.in_selection_round = True
+        policy.train()
+        try:
+            yield
+        finally:
+            policy.train(training)
+            self.in_selection_round = False
+            self._metrics, self._pending_extra_logs, self._pending_metrics = saved
+            self.state.num_input_tokens_seen = tokens
+
+    def _sample(self, dataset: Dataset, ids: Iterable[int], k: int) -> Rollouts | None:
+        """``k`` scored rollouts of each problem ``ids`` of ``dataset``, grouped by id."""
+        ids = [int(i) for i in ids]
+        per_call = max(1, self._config.generation_batch_size // k)
+        prompt_ids: list[list[int]] = []
+        completion_ids: list[list[int]] = []
+        rewards: list[float] = []
+        groups: list[int] = []
+        for start in range(0, len(ids), per_call):
+            part = ids[start : start + per_call]
+            rows = [_without_index(dataset[i]) for i in part]
+            inputs = [dict(row) for row in rows for _ in range(k)]
+            prompts = [row["prompt"] for row in inputs]
+            generated = self._generate(prompts)
+            p_ids, c_ids, completions = generated[0], generated[1], generated[3]
+            per_func = self._calculate_rewards(inputs, prompts, completions, c_ids)  # (S, F)
+            total = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)  # (S,)
+            # TRL gives unscorable completions (every reward None) no advantage: leave them out.
+            scorable = ~torch.isnan(per_func).all(dim=1)  # (S,)
+            for row, pid in enumerate(i for i in part for _ in range(k)):
+                if bool(scorable[row]) and len(c_ids[row]):
+                    prompt_ids.append(list(p_ids[row]))
+                    completion_ids.append(list(c_ids[row]))
+                    rewards.append(float(total[row]))
+                    groups.append(pid)
+        if not groups:
+            return None
+        return Rollouts.from_token_ids(
+            prompt_ids, completion_ids, rewards, groups, pad_token_id=self._tokenizer.pad_token_id
+        )
+
+    def _log_round(self, candidates: Rollouts, validation: Rollouts, selection: Selection) -> None:
+        metrics = self._metrics["train"]
+        metrics["gradalign/num_selected"].append(float(selection.ids.numel()))
+        metrics["gradalign/candidate_reward"].append(candidates.rewards.mean().item())
+        metrics["gradalign/validation_reward"].append(validation.rewards.mean().item())
+        if selection.scores is not None:
+            metrics["gradalign/selected_score"].append(selection.scores.float().mean().item())
+
+
+def _check_dataset(where: str, name: str, dataset: Any) -> None:
+    if not isinstance(dataset, Dataset):
+        raise GradAlignError(
+            f"{where}: {name} must be a map-style datasets.Dataset (problems are picked by index), "
+            f"got {type(dataset).__name__}"
+        )
+    if "prompt" not in dataset.column_names or len(dataset) == 0:
+        raise GradAlignError(
+            f"{where}: {name} needs a 'prompt' column and at least one row, got columns "
+            f"{dataset.column_names} and {len(dataset)} rows"
+        )
+
+
+def _curriculum(
+    where: str, curriculum: Curriculum | None, chunk_size: int | None, pool: Dataset, args: Any
+) -> Curriculum:
+    if curriculum is None:
+        size = len(pool) if chunk_size is None else chunk_size
+        return Curriculum(pool_size=len(pool), chunk_size=size, seed=getattr(args, "seed", 0))
+    if chunk_size is not None:
+        raise GradAlignError(f"{where}: give chunk_size or curriculum, not both")
+    if not isinstance(curriculum, Curriculum) or curriculum.pool_size != len(pool):
+        raise GradAlignError(
+            f"{where}: curriculum must be a Curriculum over the {len(pool)} training rows, got "
+            f"{type(curriculum).__name__} with pool_size={getattr(curriculum, 'pool_size', None)}"
+        )
+    return curriculum

@@ -1,0 +1,313 @@
+"""gradalign.integrations.verl against verl's DataProto layout and its sampler loader.
+
+Every test runs on a stand-in DataProto (``.batch`` tensors, ``.non_tensor_batch`` numpy object
+arrays, the field names of verl's ``ray_trainer``); where verl (<= 0.7, with
+``verl.experimental.dataset.sampler``) imports, the same tests also run on verl's own ``DataProto``
+and loader. Rows of one uid are never contiguous, as after verl's batch balancing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import gradalign.integrations.verl as gverl
+from gradalign import GradAlign, GradAlignError, Rollouts
+from gradalign.integrations.verl import (
+    GradAlignSampler,
+    group_batch,
+    rollouts_from_dataproto,
+)
+from gradalign.policies import TopK
+
+P, R = 5, 4  # prompt and response columns
+# (uid, dataset index, prompt length, response lengths, rewards): problem 4 is sampled twice.
+PROMPTS = [
+    ("u-a", 4, 3, [2, 4], [1.0, 0.0]),
+    ("u-b", 1, 5, [1, 3], [1.0, 1.0]),
+    ("u-c", 7, 2, [4, 2], [0.0, 1.0]),
+    ("u-d", 4, 3, [3, 1], [1.0, 1.0]),
+]
+ROW_ORDER = [5, 0, 3, 6, 1, 7, 2, 4]  # row i of the batch is rollout ROW_ORDER[i]
+POOL = 10
+
+
+@dataclass
+class StandInDataProto:
+    """verl's DataProto as seen by a sampler: per-row tensors and per-row numpy object arrays."""
+
+    batch: dict[str, torch.Tensor]
+    non_tensor_batch: dict[str, np.ndarray]
+    meta_info: dict[str, Any] = field(default_factory=dict)
+
+
+def _verl() -> Any:
+    try:
+        import verl
+        from verl.experimental.dataset import sampler
+    except ImportError:
+        return None
+    return verl, sampler
+
+
+KINDS = [
+    "stand-in",
+    pytest.param("verl", marks=pytest.mark.skipif(_verl() is None, reason="no verl")),
+]
+
+
+def _rollouts_by_hand(vocab: int, seed: int) -> list[dict[str, Any]]:
+    """One dict per rollout (in ROW_ORDER): prompt/response token lists, reward, uid, index."""
+    g = torch.Generator().manual_seed(seed)
+    flat = []
+    for uid, index, plen, rlens, rewards in PROMPTS:
+        prompt = torch.randint(2, vocab, (plen,), generator=g).tolist()
+        for rlen, reward in zip(rlens, rewards, strict=True):
+            response = torch.randint(2, vocab, (rlen,), generator=g).tolist()
+            flat.append(
+                {
+                    "uid": uid,
+                    "index": index,
+                    "prompt": prompt,
+                    "response": response,
+                    "reward": reward,
+                    "logp": (-torch.rand(rlen, generator=g)).tolist(),
+                }
+            )
+    return [flat[i] for i in ROW_ORDER]
+
+
+def _proto(kind: str, rows: list[dict[str, Any]], *, index: bool = True) -> Any:
+    """verl's layout: left-padded prompts, right-padded responses, reward on the last token."""
+    s = len(rows)
+    prompts = torch.zeros(s, P, dtype=torch.long)
+    responses = torch.zeros(s, R, dtype=torch.long)
+    prompt_mask = torch.zeros(s, P, dtype=torch.long)
+    response_mask = torch.zeros(s, R, dtype=torch.long)
+    scores = torch.zeros(s, R)
+    old = torch.zeros(s, R)
+    for i, row in enumerate(rows):
+        plen, rlen = len(row["prompt"]), len(row["response"])
+        prompts[i, P - plen :] = torch.tensor(row["prompt"])
+        prompt_mask[i, P - plen :] = 1
+        responses[i, :rlen] = torch.tensor(row["response"])
+        response_mask[i, :rlen] = 1
+        scores[i, rlen - 1] = row["reward"]
+        old[i, :rlen] = torch.tensor(row["logp"])
+    tensors = {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": torch.cat([prompts, responses], 1),
+        "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        "response_mask": response_mask,
+        "token_level_scores": scores,
+        "token_level_rewards": scores - 0.25 * response_mask,  # a KL-in-reward penalty
+        "old_log_probs": old,
+    }
+    non_tensors = {
+        "uid": np.array([r["uid"] for r in rows], dtype=object),
+        "extra_info": np.array(
+            [{"index": r["index"], "split": "train"} for r in rows], dtype=object
+        ),
+        "data_source": np.array(["toy"] * s, dtype=object),
+    }
+    if index:
+        non_tensors["index"] = np.array([r["index"] for r in rows], dtype=object)
+    if kind == "verl":
+        from verl import DataProto
+
+        return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
+    return StandInDataProto(tensors, non_tensors)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture()
+def rows() -> list[dict[str, Any]]:
+    return _rollouts_by_hand(vocab=100, seed=0)
+
+
+def test_group_batch_groups_by_uid_not_position(kind: str, rows: list[dict[str, Any]]) -> None:
+    groups = group_batch(_proto(kind, rows))
+    assert groups.uids == ("u-c", "u-a", "u-b", "u-d")  # order of first appearance
+    assert groups.group_ids.tolist() == [7, 4, 1, 4]
+    assert [groups.uids[g] for g in groups.row_group.tolist()] == [r["uid"] for r in rows]
+    assert groups.rewards.tolist() == [r["reward"] for r in rows]
+    assert groups.row_ids.tolist() == [r["index"] for r in rows]
+    ids, counts, means = groups.problem_pass_rates()  # the two uids of problem 4 merge
+    assert ids.tolist() == [1, 4, 7] and counts.tolist() == [2, 4, 2]
+    assert means.tolist() == pytest.approx([1.0, 0.75, 0.5])
+    kl = group_batch(_proto(kind, rows), reward_key="token_level_rewards")
+    lengths = torch.tensor([len(r["response"]) for r in rows])
+    torch.testing.assert_close(kl.rewards, groups.rewards - 0.25 * lengths)
+
+
+def test_index_from_extra_info_and_its_errors(kind: str, rows: list[dict[str, Any]]) -> None:
+    groups = group_batch(_proto(kind, rows, index=False))
+    assert groups.group_ids.tolist() == [7, 4, 1, 4]
+    shifted = group_batch(_proto(kind, rows), index_to_position={1: 0, 4: 2, 7: 9})
+    assert shifted.group_ids.tolist() == [9, 2, 0, 2]
+    assert group_batch(_proto(kind, rows), index_key=None).group_ids.tolist() == [0, 1, 2, 3]
+    bad = [dict(r) for r in rows]
+    bad[0]["index"] = 5  # a row of u-c (index 7) claims another problem
+    with pytest.raises(
+        GradAlignError,
+        match=r"group_batch: the rows of one uid must share one index, got \{'u-c': \[5, 7\]\}",
+    ):
+        group_batch(_proto(kind, bad))
+    with pytest.raises(GradAlignError, match=r"values \[1\] are not in the dataset's index map"):
+        group_batch(_proto(kind, rows), index_to_position={4: 0, 7: 1})
+    with pytest.raises(GradAlignError, match="batch must be a verl DataProto"):
+        group_batch({"uid": [1]})
+
+
+def test_rollouts_from_dataproto_matches_a_hand_packing(
+    kind: str, rows: list[dict[str, Any]]
+) -> None:
+    ro = rollouts_from_dataproto(_proto(kind, rows), include_logprobs=True)
+    expected = Rollouts.from_token_ids(
+        [r["prompt"] for r in rows],
+        [r["response"] for r in rows],
+        [r["reward"] for r in rows],
+        [r["index"] for r in rows],
+    )
+    assert torch.equal(ro.input_ids, expected.input_ids)
+    assert torch.equal(ro.attention_mask, expected.attention_mask)
+    assert torch.equal(ro.response_mask, expected.response_mask)
+    assert torch.equal(ro.rewards, expected.rewards)
+    assert ro.group_ids.tolist() == [r["index"] for r in rows]
+    assert ro.unique_groups.tolist() == [1, 4, 7]
+    for i, r in enumerate(rows):  # old log-probs sit on the response tokens they belong to
+        assert ro.old_logprobs[i][ro.response_mask[i]].tolist() == pytest.approx(r["logp"])
+    assert ro.ref_logprobs is None
+
+
+def test_sampler_update_records_pass_rates_by_problem(
+    kind: str, rows: list[dict[str, Any]]
+) -> None:
+    seen: list[int] = []
+    sampler = GradAlignSampler(
+        range(POOL), {"gradalign": {}}, on_update=lambda s, b: seen.append(s.num_updates)
+    )
+    sampler.update(_proto(kind, rows))
+    rates = sampler.pass_rates
+    assert rates["count"].tolist() == [0, 2, 0, 0, 4, 0, 0, 2, 0, 0]
+    assert rates["mean"][[1, 4, 7]].tolist() == pytest.approx([1.0, 0.75, 0.5])
+    assert rates["last_update"][[0, 1, 4, 7]].tolist() == [-1, 0, 0, 0]
+    flipped = [dict(r, reward=1.0 - r["reward"]) for r in rows]
+    sampler.update(_proto(kind, flipped))
+    rates = sampler.pass_rates
+    assert rates["count"][4].item() == 8 and rates["mean"][4].item() == pytest.approx(0.5)
+    assert rates["last"][[1, 4, 7]].tolist() == pytest.approx([0.0, 0.25, 0.5])
+    assert seen == [1, 2]
+    with pytest.raises(GradAlignError, match=r"indices must be in \[0, 5\), got \[7\]"):
+        GradAlignSampler(range(5), {}).update(_proto(kind, rows))
+
+
+def _load_module(path: str) -> Any:
+    """verl's ``load_module``: ``pkg://dotted.name`` or a file path."""
+    if path.startswith("pkg://"):
+        return importlib.import_module(path[len("pkg://") :])
+    spec = importlib.util.spec_from_file_location("gradalign_verl_sampler_file", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _create_rl_sampler(data_config: Any, dataset: Any, kind: str) -> Any:
+    """verl 0.7's ``create_rl_sampler`` for a ``data.sampler.class_path`` (its loader if present)."""
+    path, name = data_config["sampler"]["class_path"], data_config["sampler"]["class_name"]
+    if kind == "verl":
+        from verl.experimental.dataset.sampler import AbstractSampler
+        from verl.utils.import_utils import load_extern_object
+
+        sampler = load_extern_object(path, name)(data_source=dataset, data_config=data_config)
+        assert isinstance(sampler, AbstractSampler)
+        return sampler
+    return getattr(_load_module(path), name)(data_source=dataset, data_config=data_config)
+
+
+@pytest.mark.parametrize("form", ["pkg", "file"])
+def test_loaded_from_class_path_like_verl(kind: str, form: str, rows: list[dict[str, Any]]) -> None:
+    path = "pkg://gradalign.integrations.verl" if form == "pkg" else gverl.__file__
+    config = {
+        "sampler": {"class_path": path, "class_name": "GradAlignSampler"},
+        "dataloader_num_workers": 0,
+        "train_batch_size": 4,
+        "seed": 3,
+        "gradalign": {"chunk_size": 4, "select_k": 3},
+    }
+    if kind == "verl":
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.create(config)
+    sampler = _create_rl_sampler(config, list(range(POOL)), kind)
+    assert type(sampler).__name__ == "GradAlignSampler"
+    assert sampler.settings.seed == 3 and sampler.curriculum.chunk_size == 4
+    first = list(sampler)
+    assert len(first) == len(sampler) == 12 and set(first) == set(range(POOL))  # padded to 3 x 4
+    chunk = sampler.next_candidates()
+    sampler.record(chunk[:3])
+    served = list(sampler)
+    assert len(served) == 4 and set(served) == set(chunk[:3].tolist())  # one padded batch
+    sampler.update(_proto(kind, rows))
+    state = sampler.state_dict()
+    fresh = _create_rl_sampler(config, list(range(POOL)), kind)
+    fresh.load_state_dict(state)
+    assert list(fresh) == served and fresh.state_dict() == state
+    if kind == "verl":
+        from verl.experimental.dataset.sampler import AbstractCurriculumSampler
+
+        assert isinstance(sampler, AbstractCurriculumSampler)
+
+
+def test_score_and_select_serves_the_gradalign_selection(qwen: torch.nn.Module, kind: str) -> None:
+    vocab = qwen.config.vocab_size
+    sampler = GradAlignSampler(range(POOL), {"gradalign": {"select_k": 2, "shuffle": False}})
+    with pytest.raises(GradAlignError, match="call next_candidates"):
+        sampler.score_and_select(qwen, None, None)
+    sampler.next_candidates()
+    cands = rollouts_from_dataproto(_proto(kind, _rollouts_by_hand(vocab, seed=1)))
+    val_rows = _rollouts_by_hand(vocab, seed=2)
+    val = rollouts_from_dataproto(_proto(kind, val_rows), index_key=None)  # groups by uid alone
+    assert val.unique_groups.tolist() == [0, 1, 2, 3]
+    sel = sampler.score_and_select(qwen, cands, val)
+    ref = GradAlign(policy=TopK(2)).select(qwen, cands, val)
+    assert sel.ids.tolist() == ref.ids.tolist()
+    assert list(sampler) == ref.ids.tolist()
+    assert sampler.curriculum.history(int(ref.ids[0]))["selected_count"] == 1
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(GradAlignError, match=r"unknown data.gradalign keys \['chunksize'\]"):
+        GradAlignSampler(range(3), {"gradalign": {"chunksize": 2}})
+    with pytest.raises(GradAlignError, match="dataloader_num_workers must be 0"):
+        GradAlignSampler(range(3), {"dataloader_num_workers": 8})
+    with pytest.raises(GradAlignError, match=r"on_update must be 'package\.module:function'"):
+        GradAlignSampler(range(3), {"gradalign": {"on_update": "gradalign:nothing_here"}})
+    hook = GradAlignSampler(range(3), {"gradalign": {"on_update": "builtins:print"}})
+    assert hook._on_update is print
+    with pytest.raises(GradAlignError, match="selection is empty"):
+        sampler = GradAlignSampler(range(3), None)
+        sampler.next_candidates()
+        sampler.record([])
+
+
+def test_module_imports_without_verl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without verl the sampler is a plain torch Sampler (verl >= 0.8 has no curriculum base)."""
+    monkeypatch.setitem(sys.modules, "verl", None)
+    monkeypatch.setitem(sys.modules, "verl.experimental.dataset.sampler", None)
+    module = _load_module(str(Path(gverl.__file__)))
+    assert module.GradAlignSampler.__mro__[1] is torch.utils.data.Sampler
