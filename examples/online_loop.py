@@ -208,6 +208,7 @@ def grpo_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, rollouts: ga.Rollouts, obj: ga.GRPOObjective
 ) -> None:
     """One on-policy GRPO update: loss = -sum w * log pi, w from group-relative advantages."""
+    model.train()
     weights = obj.token_weights(rollouts)  # (S, T)
     logp = response_logprobs(
         model, rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
@@ -216,6 +217,7 @@ def grpo_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    model.eval()  # rollouts are sampled in eval mode
 
 
 @torch.no_grad()
@@ -227,7 +229,11 @@ def expected_reward(model: nn.Module, split: Split) -> float:
 
 
 def warm_up(model: nn.Module, task: Task, cfg: Config) -> None:
-    """Supervised warm-up on the answer format: the right letter 20% of the time, else random."""
+    """Supervised warm-up: answers are the right letter with probability ``warmup_correct``.
+
+    Otherwise they are a random letter, so the model learns the format (a letter, then EOS) and
+    only a little of the rule.
+    """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     words, batch = task.warmup, 64
@@ -300,15 +306,9 @@ def run(method: str, base: nn.Module, task: Task, cfg: Config) -> RunResult:
         cur.record(selection)
         chosen = selection.ids.tolist()
         chosen_all += chosen
-        model.train()
         for _ in range(cfg.steps_per_round):
-            grpo_step(
-                model,
-                optimizer,
-                collect(model, task, task.pool, chosen, cfg.rollouts, streams),
-                obj,
-            )
-        model.eval()
+            batch = collect(model, task, task.pool, chosen, cfg.rollouts, streams)
+            grpo_step(model, optimizer, batch, obj)
         rewards.append(expected_reward(model, task.test))
     share = task.pool.corrupted[chosen_all].float().mean().item() if chosen_all else 0.0
     return RunResult(rewards, share, time.perf_counter() - start)
@@ -330,11 +330,23 @@ def format_table(results: dict[str, RunResult], cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> Config:
+    """The experiment's :class:`Config` from the command line."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, help="selection rounds (default 12; 3 with --quick)")
     parser.add_argument(
-        "--steps-per-round", type=int, help="GRPO steps T per round (default 8; 4 with --quick)"
+        "--rounds", type=_positive, help="selection rounds (default 12; 3 with --quick)"
+    )
+    parser.add_argument(
+        "--steps-per-round",
+        type=_positive,
+        help="GRPO steps T per round (default 8; 4 with --quick)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
     parser.add_argument("--quick", action="store_true", help="a few short rounds: a smoke test")

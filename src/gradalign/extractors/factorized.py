@@ -52,7 +52,7 @@ from gradalign.objective import GRPOObjective
 from gradalign.projection import KINDS, projection_block
 from gradalign.rollouts import Rollouts
 
-__all__ = ["FactorizedGradient", "factorized_chunks"]
+__all__ = ["FactorizedGradient", "check_settings", "factorized_chunks"]
 
 _CHUNK_BYTES = 2**30  # float32 bytes of group gradients held before a chunk is yielded
 
@@ -108,21 +108,17 @@ def _build_sites(
     sites, segments, start = [], [], 0
     for name, module in named:
         site = _make_site(name, module, call)
-        device = next(module.parameters()).device
-        for side, k in zip(("in", "out"), dims, strict=True):
+        block = functools.partial(
+            projection_block,
+            kind=kind,
+            seed=seed,
+            name=name,
+            start=0,
+            device=next(module.parameters()).device,
+        )
+        for side, k, d in (("in", dims[0], site.d_in), ("out", dims[1], site.d_out)):
             if k is not None:
-                d = site.d_in if side == "in" else site.d_out
-                mat = projection_block(
-                    kind=kind,
-                    dim=k,
-                    seed=seed,
-                    name=name,
-                    start=0,
-                    stop=d,
-                    side=side,
-                    device=device,
-                )  # (d, K)
-                setattr(site, f"r_{side}", mat)
+                setattr(site, f"r_{side}", block(dim=k, stop=d, side=side))  # (d, K)
         site.start = start
         start += site.size
         segments.append(Segment(name, site.start, start))
@@ -259,18 +255,21 @@ def _hooked(model: nn.Module, recorder: _Recorder, call: str) -> Iterator[None]:
             handle.remove()
 
 
-def _micro_batch(
-    model: nn.Module,
-    recorder: _Recorder,
-    rollouts: Rollouts,
-    objective: GRPOObjective,
-    rows: torch.Tensor,
-    local: torch.Tensor,
-    weights: torch.Tensor | None,
-    max_logits_elements: int,
-    call: str,
-) -> None:
+@dataclass(frozen=True, eq=False)
+class _Job:
+    """What every micro-batch of one extraction call shares."""
+
+    model: nn.Module
+    rollouts: Rollouts
+    objective: GRPOObjective
+    weights: torch.Tensor | None  # (S, T) token weights, when they do not depend on log-probs
+    max_logits_elements: int
+    call: str
+
+
+def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torch.Tensor) -> None:
     """One forward + activation-only backward over ``rows`` (local groups ``local``)."""
+    model, rollouts, weights = job.model, job.rollouts, job.weights
     device = model_device(model)
     width = int(rollouts.attention_mask[rows].sum(1).max().item())
     resp = rollouts.response_mask[rows, :width].to(device)  # (S', W)
@@ -281,11 +280,11 @@ def _micro_batch(
             rollouts.input_ids[rows, :width].to(device),
             rollouts.attention_mask[rows, :width].to(device),
             resp,
-            max_logits_elements=max_logits_elements,
+            max_logits_elements=job.max_logits_elements,
         )  # (S', W)
         recorder.recording = False
         if weights is None:
-            w = objective.token_weights(
+            w = job.objective.token_weights(
                 rollouts, logp.detach().to(rollouts.device), rows=rows, width=width
             )  # (S', W)
         else:
@@ -293,7 +292,7 @@ def _micro_batch(
         loss = -(w.to(logp.device) * logp).sum()
         if not recorder.leaves or not loss.requires_grad:
             raise GradAlignError(
-                f"{call}: no gradient reached the loss from the input embeddings' output; the "
+                f"{job.call}: no gradient reached the loss from the input embeddings' output; the "
                 "model must embed input_ids with the module returned by get_input_embeddings()"
             )
         # Not autograd.grad: reentrant checkpointing only supports a plain backward. Nothing but
@@ -335,6 +334,7 @@ def factorized_chunks(
     # Rows with all-zero weights (zero-spread groups) add nothing: skip their forward entirely.
     weights = None if objective.needs_logprobs(rollouts) else objective.token_weights(rollouts)
     active = torch.ones(len(rollouts), dtype=torch.bool) if weights is None else weights.any(1)
+    job = _Job(model, rollouts, objective, weights, max_logits_elements, call)
     zero_spread = objective.zero_spread(rollouts).cpu()
     tokens = torch.zeros(rollouts.num_groups, dtype=torch.long)
     tokens.index_add_(0, rollouts.group_index.cpu(), rollouts.response_mask.sum(1).cpu())
@@ -351,19 +351,8 @@ def factorized_chunks(
         recorder = _Recorder(sites, head, buffer)
         with extraction_mode(model, []), _hooked(model, recorder, call):
             for mb, mb_local in zip(rows.split(batch_size), local.split(batch_size), strict=True):
-                if mb.numel() == 0:
-                    continue  # a chunk of zero-spread groups only
-                _micro_batch(
-                    model,
-                    recorder,
-                    rollouts,
-                    objective,
-                    mb,
-                    mb_local,
-                    weights,
-                    max_logits_elements,
-                    call,
-                )
+                if mb.numel():  # empty in a chunk of zero-spread groups only
+                    _micro_batch(job, recorder, mb, mb_local)
         yield GroupGradients(
             group_ids=rollouts.unique_groups[lo:hi].cpu(),
             grads=buffer.cpu(),
@@ -371,6 +360,27 @@ def factorized_chunks(
             num_tokens=tokens[lo:hi],
             zero_spread=zero_spread[lo:hi],
             segments=segments,
+        )
+
+
+def check_settings(ext: Any) -> None:
+    """Validate the settings shared by the hook-based extractors (``kind``, ``seed``, sizes)."""
+    name = type(ext).__name__
+    if ext.kind not in KINDS:
+        raise GradAlignError(f"{name}: kind must be one of {KINDS}, got {ext.kind!r}")
+    if not isinstance(ext.seed, int):
+        raise GradAlignError(f"{name}: seed must be an int, got {ext.seed!r}")
+    if not isinstance(ext.batch_size, int) or ext.batch_size < 1:
+        raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {ext.batch_size!r}")
+    if ext.group_chunk is not None and (
+        not isinstance(ext.group_chunk, int) or ext.group_chunk < 1
+    ):
+        raise GradAlignError(
+            f"{name}: group_chunk must be an int >= 1 or None, got {ext.group_chunk!r}"
+        )
+    if not isinstance(ext.max_logits_elements, int) or ext.max_logits_elements < 1:
+        raise GradAlignError(
+            f"{name}: max_logits_elements must be an int >= 1, got {ext.max_logits_elements!r}"
         )
 
 
@@ -420,20 +430,7 @@ class FactorizedGradient(GradientExtractor):
             value = getattr(self, what)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise GradAlignError(f"{name}: {what} must be an int >= 1 or None, got {value!r}")
-        if self.kind not in KINDS:
-            raise GradAlignError(f"{name}: kind must be one of {KINDS}, got {self.kind!r}")
-        if not isinstance(self.seed, int):
-            raise GradAlignError(f"{name}: seed must be an int, got {self.seed!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.group_chunk is not None and self.group_chunk < 1:
-            raise GradAlignError(
-                f"{name}: group_chunk must be >= 1 or None, got {self.group_chunk}"
-            )
-        if self.max_logits_elements < 1:
-            raise GradAlignError(
-                f"{name}: max_logits_elements must be >= 1, got {self.max_logits_elements}"
-            )
+        check_settings(self)
         self.exact = self.dim_in is None and self.dim_out is None
 
     def iter_groups(

@@ -20,9 +20,9 @@ from torch import nn
 from gradalign._forward import DEFAULT_LOGITS_ELEMENTS
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor, GroupGradients
-from gradalign.extractors.factorized import factorized_chunks
+from gradalign.extractors.factorized import check_settings, factorized_chunks
 from gradalign.objective import GRPOObjective
-from gradalign.projection import KINDS, project
+from gradalign.projection import project
 from gradalign.rollouts import Rollouts
 
 __all__ = ["LoRAGradient", "lora_modules"]
@@ -135,16 +135,7 @@ class LoRAGradient(GradientExtractor):
         name = type(self).__name__
         if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
             raise GradAlignError(f"{name}: dim must be an int >= 1 or None, got {self.dim!r}")
-        if self.kind not in KINDS:
-            raise GradAlignError(f"{name}: kind must be one of {KINDS}, got {self.kind!r}")
-        if not isinstance(self.seed, int):
-            raise GradAlignError(f"{name}: seed must be an int, got {self.seed!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.group_chunk is not None and self.group_chunk < 1:
-            raise GradAlignError(
-                f"{name}: group_chunk must be >= 1 or None, got {self.group_chunk}"
-            )
+        check_settings(self)
         self.exact = self.dim is None
 
     def iter_groups(

@@ -5,8 +5,9 @@ Implementations:
 - :mod:`gradalign.integrations.trl` (extra ``gradalign[trl]``): :class:`GradAlignGRPOTrainer`, a
   ``trl.GRPOTrainer`` that re-selects its training problems with GradAlign every few steps, its
   :class:`StreamingSelectionSampler`, and :func:`objective_from_config`.
+- :mod:`gradalign.integrations.verl`: a curriculum sampler for verl's ``data.sampler`` hook.
 
-Import the submodule itself (``from gradalign.integrations.trl import GradAlignGRPOTrainer``);
+Import a submodule itself (``from gradalign.integrations.trl import GradAlignGRPOTrainer``);
 this package imports no framework.
 """
 

@@ -197,7 +197,7 @@ class StreamingSelectionSampler(Sampler[int]):
     Raises:
         GradAlignError: bad settings; from :meth:`next_block`, an empty selection.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from gradalign import Curriculum
         >>> cur = Curriculum(pool_size=6, chunk_size=6)
@@ -301,8 +301,10 @@ class GradAlignGRPOTrainer(GRPOTrainer):
     the ``GRPOTrainer``'s.
 
     Args:
-        model, reward_funcs, args, train_dataset: as for ``GRPOTrainer``. ``train_dataset`` is the
-            candidate pool, a map-style ``datasets.Dataset``; ``args.max_steps`` must be set.
+        model: as for ``GRPOTrainer``.
+        reward_funcs: as for ``GRPOTrainer``.
+        args: a ``GRPOConfig``; ``args.max_steps`` must be set.
+        train_dataset: the candidate pool, a map-style ``datasets.Dataset``.
         validation_dataset: the trusted validation problems, a ``datasets.Dataset`` with a
             ``prompt`` column and the extra columns the reward functions read.
         selector: a :class:`~gradalign.GradAlign` (extractor, scorer, policy); default

@@ -258,7 +258,10 @@ def rollouts_from_dataproto(
     Args:
         batch: a DataProto with ``responses`` (S, R), ``attention_mask`` (S, L), ``input_ids``
             (S, L) or ``prompts`` (S, L - R), token rewards (S, R), and ``uid`` (+ index) arrays.
-        group_key, index_key, index_to_position, reward_key: as in :func:`group_batch`.
+        group_key: as in :func:`group_batch`.
+        index_key: as in :func:`group_batch`.
+        index_to_position: as in :func:`group_batch`.
+        reward_key: as in :func:`group_batch`.
         pad_token_id: the padding id of the packed rows.
         include_logprobs: carry ``old_log_probs`` and ``ref_log_prob`` (S, R) when present.
 
