@@ -343,7 +343,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory: {MEMORY_HOW}")
     wanted = args.models.split(",")
     if "small" in wanted:
-        shape = (8 if args.quick else 32, 8, 64)
+        shape = (16 if args.quick else 32, 8, 64)
         bench_model("Qwen2 h256 L4 V1000", small_qwen(), shape, 32, repeats, args.rp_kind)
     if "smollm2" in wanted:
         shape = (2, 4, 64) if args.quick else (4, 4, 64)

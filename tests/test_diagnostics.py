@@ -31,7 +31,9 @@ def test_contributions_sum_to_score(qwen: nn.Module, scorer: str) -> None:
         vocab=qwen.config.vocab_size, groups=[1, 1, 2, 2, 3, 3], rewards=[1, 0, 0, 1, 1, 1]
     )
     cands = FactorizedGradient(dim_in=8, dim_out=8).per_group(qwen, ro)
-    target = cands.grads[0] + 0.5 * torch.randn(cands.dim, generator=torch.Generator().manual_seed(0))
+    target = cands.grads[0] + 0.5 * torch.randn(
+        cands.dim, generator=torch.Generator().manual_seed(0)
+    )
     parts = score_breakdown(cands, target, scorer)
     expected = (
         cosine(cands.grads, target)

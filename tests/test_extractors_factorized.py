@@ -59,7 +59,9 @@ def _expected(
         mats.append(
             torch.eye(d)
             if k is None
-            else projection_block(kind=kind, dim=k, seed=seed, name=name, start=0, stop=d, side=side)
+            else projection_block(
+                kind=kind, dim=k, seed=seed, name=name, start=0, stop=d, side=side
+            )
         )
     r_in, r_out = mats
     proj = r_out.T @ w @ r_in  # (G, K_out, K_in)
@@ -123,10 +125,16 @@ def test_logprob_dependent_objective_matches_full(qwen: nn.Module) -> None:
     assert fac.grads[2].any()  # the KL term gives the zero-spread group a gradient
 
 
-def test_gpt2_conv1d(tmp_path: object) -> None:
+def test_gpt2_conv1d() -> None:
     config = GPT2Config(
-        vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=1,
+        vocab_size=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=1,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -147,7 +155,9 @@ def test_gpt2_conv1d(tmp_path: object) -> None:
 def _state(model: nn.Module) -> dict[str, object]:
     return {
         "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
         "modes": {n: m.training for n, m in model.named_modules()},
         "hooks": {
             n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
@@ -209,7 +219,9 @@ def test_transformers_gradient_checkpointing(qwen: nn.Module, reentrant: bool) -
     model = copy.deepcopy(qwen)
     ro = _rollouts(model.config.vocab_size)
     ref = FactorizedGradient(dim_in=8, dim_out=8).per_group(model, ro).grads
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
     model.train()
     out = FactorizedGradient(dim_in=8, dim_out=8).per_group(model, ro).grads
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)

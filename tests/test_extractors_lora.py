@@ -93,10 +93,10 @@ def test_adapter_selection(qwen: nn.Module) -> None:
 
 def test_clear_errors(qwen: nn.Module) -> None:
     ro = make_rollouts(vocab=qwen.config.vocab_size, groups=GROUPS, rewards=REWARDS)
-    with pytest.raises(GradAlignError, match="has no LoRA adapters .* peft.get_peft_model"):
+    with pytest.raises(GradAlignError, match=r"has no LoRA adapters .* peft\.get_peft_model"):
         LoRAGradient().per_group(qwen, ro)
     dora = _peft(qwen, use_dora=True)
-    with pytest.raises(GradAlignError, match="only linear LoRA .*lora_magnitude_vector"):
+    with pytest.raises(GradAlignError, match=r"only linear LoRA .*lora_magnitude_vector"):
         LoRAGradient().per_group(dora, ro)
     merged = _peft(qwen)
     merged.merge_adapter()

@@ -103,7 +103,7 @@ def test_settings_are_checked(qwen: nn.Module, pool: Rollouts, tmp_path: Path) -
     GradientStore(tmp_path / "s").extract(FactorizedGradient(dim_in=2, dim_out=2), qwen, pool)
     with pytest.raises(GradAlignError, match="holds gradients of FactorizedGradient"):
         GradientStore(tmp_path / "s").extract(FactorizedGradient(dim_in=3), qwen, pool)
-    with pytest.raises(GradAlignError, match="holds D=.*, got dim=5"):
+    with pytest.raises(GradAlignError, match=r"holds D=.*, got dim=5"):
         GradientStore(tmp_path / "s", dim=5)
     with pytest.raises(GradAlignError, match="holds float32, got dtype"):
         GradientStore(tmp_path / "s", dtype=torch.float16)

@@ -14,10 +14,13 @@ from gradalign import policies
 from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum, ProblemStats, SelectionSampler
 from gradalign.errors import GradAlignError
+from gradalign.diagnostics import ScoreBreakdown, score_breakdown, segment_norms
 from gradalign.extractors import (
+    FactorizedGradient,
     FullGradient,
     GradientExtractor,
     GroupGradients,
+    LoRAGradient,
     RandomProjectedGradient,
 )
 from gradalign.objective import GRPOObjective
@@ -25,6 +28,7 @@ from gradalign.preconditioning import AdamPreconditioner
 from gradalign.rollouts import Rollouts
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
 from gradalign.selector import Alignment, GradAlign, Selection
+from gradalign.store import GradientStore
 
 __version__ = "0.1.0"
 
@@ -33,15 +37,19 @@ __all__ = [
     "Alignment",
     "Candidates",
     "Curriculum",
+    "FactorizedGradient",
     "FullGradient",
     "GRPOObjective",
     "GradAlign",
     "GradAlignError",
     "GradientExtractor",
+    "GradientStore",
     "GroupGradients",
+    "LoRAGradient",
     "ProblemStats",
     "RandomProjectedGradient",
     "Rollouts",
+    "ScoreBreakdown",
     "Selection",
     "SelectionSampler",
     "__version__",
@@ -50,4 +58,6 @@ __all__ = [
     "cosine",
     "inner_product",
     "policies",
+    "score_breakdown",
+    "segment_norms",
 ]

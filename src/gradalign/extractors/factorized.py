@@ -319,8 +319,17 @@ def factorized_chunks(
 
     Args:
         named: (segment name, linear module) pairs; the name also keys the projections.
+        model: the model (its hooks and state are restored before each chunk is yielded).
+        rollouts: the rollouts to differentiate.
+        objective: the GRPO loss.
         dims: (K_in, K_out); None leaves that side unprojected.
-        Others: as in :class:`FactorizedGradient`.
+        kind: projection kind, as in :class:`FactorizedGradient`.
+        seed: projection seed.
+        batch_size: sequences per forward/backward.
+        group_chunk: groups per yielded chunk.
+        max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+        call: the public call, for error messages.
+        progress: show a progress bar.
 
     Yields:
         :class:`GroupGradients` with one segment per module: weight (K_out * K_in, or
