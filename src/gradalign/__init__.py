@@ -13,8 +13,8 @@ from __future__ import annotations
 from gradalign import policies
 from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum, ProblemStats, SelectionSampler
-from gradalign.errors import GradAlignError
 from gradalign.diagnostics import ScoreBreakdown, score_breakdown, segment_norms
+from gradalign.errors import GradAlignError
 from gradalign.extractors import (
     FactorizedGradient,
     FullGradient,
