@@ -301,28 +301,38 @@ def bench_projection(
         times.append(time.perf_counter() - t0)
     dense_s = statistics.median(times) * dim_in / slice_rows
     del dense, xs
-    probe = min(dim_in, probe)
-    x = torch.randn(rows, probe, generator=g)
-    t0 = time.perf_counter()
-    project(x, kind="rademacher", dim=k, seed=0, name="bench")
-    estimate = (time.perf_counter() - t0) * dim_in / probe
-    if estimate <= budget_s:
-        x = torch.randn(rows, dim_in, generator=g)
-        start = _peak_start()
-        t0 = time.perf_counter()
-        project(x, kind="rademacher", dim=k, seed=0, name="bench")
-        proj_s, how = time.perf_counter() - t0, "measured on the whole gradient"
-        peak = f"{_peak_growth(start) / 2**20:.0f} MiB peak growth"
-    else:
-        proj_s, how = estimate, f"scaled from a {probe}-column slice (too slow to run whole)"
-        peak = "peak not measured"
     dense_gib = dim_in * k * 4 / 2**30
     print(
         f"  dense Rademacher matmul: {dense_s:8.1f} s  (measured on a {slice_rows}-row slice of "
         f"R and scaled; the whole R would take {dense_gib:,.0f} GiB)"
     )
-    print(f"  project(kind='rademacher'): {proj_s:8.1f} s  ({how}; {peak}; no dense matrix)")
-    print(f"  ratio project / dense: {proj_s / dense_s:.2f} (target <= 1)")
+    for kind in ("rademacher", "sjlt"):
+        proj_s, how, peak = _time_project(kind, dim_in, k, rows, probe, budget_s, g)
+        print(f"  project(kind={kind!r}): {proj_s:8.1f} s  ({how}; {peak}; no dense matrix)")
+        print(f"    ratio project / dense: {proj_s / dense_s:.2f} (target <= 1)")
+
+
+def _time_project(
+    kind: str, dim_in: int, k: int, rows: int, probe: int, budget_s: float, g: torch.Generator
+) -> tuple[float, str, str]:
+    """Seconds to project a (rows, dim_in) gradient, measured whole when affordable."""
+    probe = min(dim_in, probe)
+    x = torch.randn(rows, probe, generator=g)
+    t0 = time.perf_counter()
+    project(x, kind=kind, dim=k, seed=0, name="bench")
+    estimate = (time.perf_counter() - t0) * dim_in / probe
+    if estimate > budget_s:
+        return estimate, f"scaled from a {probe}-column slice (too slow to run whole)", "peak n/a"
+    x = torch.randn(rows, dim_in, generator=g)
+    start = _peak_start()
+    t0 = time.perf_counter()
+    project(x, kind=kind, dim=k, seed=0, name="bench")
+    seconds = time.perf_counter() - t0
+    return (
+        seconds,
+        "measured on the whole gradient",
+        f"{_peak_growth(start) / 2**20:.0f} MiB peak growth",
+    )
 
 
 def main() -> None:
