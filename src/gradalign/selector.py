@@ -343,8 +343,5 @@ class GradAlign:
     def apply_policy(self, table: Candidates) -> Selection:
         """Run the policy on an already scored candidate table."""
         ids = torch.as_tensor(self.policy(table), dtype=torch.long)
-        scores = None
-        if table.scores is not None:
-            position = {int(i): j for j, i in enumerate(table.ids)}
-            scores = table.scores[[position[int(i)] for i in ids]]
+        scores = None if table.scores is None else table.scores[table.positions(ids)]
         return Selection(ids=ids, scores=scores, candidates=table)
