@@ -211,7 +211,10 @@ def test_config_validation(overrides: dict[str, float], match: str) -> None:
 
 @pytest.mark.slow
 def test_smollm2_demo_small(tmp_path: Path) -> None:
-    config = DemoConfig(pool=4, rollouts=4, val=4, max_new_tokens=24, out_dir=tmp_path)
+    # Full-length completions and 8 validation problems: shorter runs can leave every validation
+    # group without reward spread, and GradAlign then (rightly) refuses to score.
+    config = DemoConfig(pool=4, rollouts=4, val=8, out_dir=tmp_path)
     result = run_demo(config)
     assert result.png_path.exists()
     assert all(math.isfinite(v) for v in result.aurocs.values())
+    assert 0.0 < result.stats["validation acc"] < 1.0

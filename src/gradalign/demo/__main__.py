@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="random tiny model; runs in seconds")
     p.add_argument("--pool", type=int, help="candidate problems (default 32; tiny 16)")
     p.add_argument("--rollouts", type=int, help="rollouts per problem (default 4)")
-    p.add_argument("--val", type=int, help="clean validation problems (default 8; tiny 4)")
+    p.add_argument("--val", type=int, help="clean validation problems (default 16; tiny 4)")
     p.add_argument("--seed", type=int, help="seed of everything (default 0)")
     p.add_argument("--select-fraction", type=float, help="fraction selected (default 0.25)")
     p.add_argument("--max-new-tokens", type=int, help="completion length cap (default 40; tiny 8)")

@@ -59,7 +59,7 @@ class DemoConfig:
     tiny: bool = False
     pool: int = 32
     rollouts: int = 4
-    val: int = 8
+    val: int = 16
     seed: int = 0
     select_fraction: float = 0.25
     corrupt_fraction: float = 0.5
