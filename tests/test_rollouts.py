@@ -26,6 +26,7 @@ def test_group_bookkeeping() -> None:
     assert ro.unique_groups.tolist() == [3, 7]
     assert ro.group_index.tolist() == [1, 1, 0]
     assert ro.group_sizes().tolist() == [1, 2]
+    assert ro.group_token_counts().tolist() == [3, 3]  # group 3: row 2 (3 tokens); 7: rows 0, 1
     assert ro.group_mean_rewards().tolist() == [0.5, 0.5]
     assert ro.group_reward_spread().tolist() == [0.0, 1.0]
     sub = ro.select_groups([7])

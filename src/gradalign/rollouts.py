@@ -187,6 +187,11 @@ class Rollouts:
         """(G,) number of rollouts of each group, in ``unique_groups`` order."""
         return torch.bincount(self.group_index, minlength=self.num_groups)
 
+    def group_token_counts(self) -> torch.Tensor:
+        """(G,) number of response tokens of each group, in ``unique_groups`` order."""
+        out = torch.zeros(self.num_groups, dtype=torch.long, device=self.device)
+        return out.index_add_(0, self.group_index, self.response_mask.sum(1))
+
     def group_mean_rewards(self) -> torch.Tensor:
         """(G,) mean reward of each group (the pass rate for binary rewards)."""
         sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)

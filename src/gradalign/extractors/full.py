@@ -158,8 +158,7 @@ class FullGradient(GradientExtractor):
         params = [p for _, p in named]
         chunk = self.group_chunk or max(1, _CHUNK_BYTES // (4 * max(1, self._output_dim(named))))
         zero_spread = objective.zero_spread(rollouts).cpu()
-        tokens = torch.zeros(rollouts.num_groups, dtype=torch.long)
-        tokens.index_add_(0, rollouts.group_index.cpu(), rollouts.response_mask.sum(1).cpu())
+        tokens = rollouts.group_token_counts().cpu()
         sizes = rollouts.group_sizes().cpu()
         all_rows = group_rows(rollouts)
         bar = progress_bar(
