@@ -99,7 +99,7 @@ class GRPOObjective:
         """(S,) group-relative advantages ``(r - mean_group(r)) / scale``."""
         r, idx, g = rollouts.rewards.float(), rollouts.group_index, rollouts.num_groups
         count = rollouts.group_sizes().to(r.dtype)
-        mean = _group_sum(r, idx, g) / count  # (G,)
+        mean = rollouts.group_mean_rewards()  # (G,)
         centred = r - mean[idx]  # (S,)
         if self.scale_rewards == "none":
             return centred
@@ -117,10 +117,10 @@ class GRPOObjective:
     def aggregation(self, rollouts: Rollouts) -> torch.Tensor:
         """(S, T) token aggregation factors: each group's loss is ``sum_{s,t} agg * loss[s, t]``."""
         mask = rollouts.response_mask.float()  # (S, T)
-        idx, g = rollouts.group_index, rollouts.num_groups
+        idx = rollouts.group_index
         lengths = mask.sum(1)  # (S,)
         if self.loss_agg == "token-mean":
-            per_seq = 1.0 / _group_sum(lengths, idx, g)[idx]
+            per_seq = 1.0 / rollouts.group_token_counts().float()[idx]
         else:
             n_seq = rollouts.group_sizes().float()[idx]  # (S,)
             if self.loss_agg == "seq-mean-token-mean":
