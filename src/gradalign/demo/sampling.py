@@ -1,19 +1,28 @@
-"""Rollout sampling for the demo: chat prompts -> sampled completions as token ids.
+"""Rollout sampling for the demo: k completions of each prompt, as token ids.
 
-Completions stay token ids end to end (cut after the first EOS, padding dropped), so the gradient
-pass sees exactly the tokens the policy sampled: no decode/re-tokenize round trip that could move
-the prompt/response boundary.
+Each prompt runs once: its key/value cache is repeated for its k rollouts, which then decode
+together, the way inference engines share a GRPO group's prompt. Completions stay token ids end to
+end (cut after the first stop token, padding dropped), so the gradient pass sees exactly the tokens
+the policy sampled: no decode/re-tokenize round trip that could move the prompt/response boundary.
+
+Implementations: :func:`render_prompts` (chat prompts), :func:`stop_tokens` (token ids that end a
+completion), :func:`trim_completion` and :func:`sample_completions`.
+
+Shape glossary: B prompts in a batch, k rollouts per prompt, L prompt width, V vocabulary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["render_prompts", "sample_completions", "trim_completion"]
+from gradalign._forward import cache_argument
+from gradalign.errors import GradAlignError
+
+__all__ = ["render_prompts", "sample_completions", "stop_tokens", "trim_completion"]
 
 
 def render_prompts(tokenizer: Any, questions: Sequence[str]) -> list[list[int]]:
@@ -37,18 +46,30 @@ def render_prompts(tokenizer: Any, questions: Sequence[str]) -> list[list[int]]:
     return prompts
 
 
-def trim_completion(tokens: Sequence[int], eos_token_id: int) -> list[int]:
-    """Cut generated ids after the first EOS (kept: its log-prob is trained too).
-
-    ``generate`` pads finished rows (often with the EOS id itself), so everything after the first
-    EOS is padding. A row without EOS hit ``max_new_tokens`` and has no padding.
+def stop_tokens(tokenizer: Any, text: str = "\n") -> set[int]:
+    """Ids of every token whose text contains ``text`` (a line break ends a one-line answer).
 
     Example:
-        >>> trim_completion([5, 6, 2, 2, 2], eos_token_id=2)
+        >>> from gradalign.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> stop_tokens(tok) == {tok.convert_tokens_to_ids("\\n")}
+        True
+    """
+    return {i for i in range(len(tokenizer)) if text in tokenizer.decode([i])}
+
+
+def trim_completion(tokens: Sequence[int], stop: Collection[int]) -> list[int]:
+    """Cut generated ids after the first stop token (kept: its log-prob is trained too).
+
+    Example:
+        >>> trim_completion([5, 6, 2, 0, 0], stop={2})
         [5, 6, 2]
     """
     out = [int(t) for t in tokens]
-    return out[: out.index(eos_token_id) + 1] if eos_token_id in out else out
+    for i, t in enumerate(out):
+        if t in stop:
+            return out[: i + 1]
+    return out
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,59 +82,114 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits[:, -1].float()  # (B, V)
+
+
 @torch.no_grad()
+def _sample_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    *,
+    stop: set[int],
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """(B * k,) completions of B prompts, prompt-major."""
+    ids, mask = _left_pad(prompts, pad_token_id)  # (B, L), (B, L)
+    pos = (mask.cumsum(1) - 1).clamp_min(0)  # (B, L)
+    name = cache_argument(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = getattr(out, name)
+    expand = torch.arange(len(prompts)).repeat_interleave(k)  # (B * k,)
+    cache.reorder_cache(expand)
+    logits, mask, pos = _logits(out)[expand], mask[expand], pos[expand, -1:]  # (B*k, V), ...
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
+    tokens, done = [], torch.zeros(len(expand), dtype=torch.bool)
+    for step in range(max_new_tokens):
+        probs = torch.softmax(logits / temperature, dim=-1)  # (B*k, V)
+        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B*k,)
+        nxt = torch.where(done, pad_token_id, nxt)
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, stop_ids)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B*k, L + step + 1)
+        pos = pos + 1  # (B*k, 1)
+        kwargs = {name: cache}
+        out = model(
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **kwargs
+        )
+        cache = getattr(out, name)
+        logits = _logits(out)
+    new = torch.stack(tokens, dim=1).tolist()  # (B*k, N)
+    return [trim_completion(row, stop) for row in new]
+
+
 def sample_completions(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
+    k: int,
     *,
-    eos_token_id: int,
+    stop_token_ids: Collection[int],
     pad_token_id: int,
     max_new_tokens: int,
     temperature: float,
     seed: int,
-    batch_size: int = 32,
+    batch_size: int = 256,
     progress: bool = False,
     desc: str = "generate",
 ) -> list[list[int]]:
-    """Sample one completion per prompt row with batched, left-padded ``model.generate``.
+    """Sample ``k`` completions of each prompt (plain sampling: no top-k/top-p truncation).
 
-    Sampling runs under ``torch.random.fork_rng`` seeded with ``seed``: the same call gives the same
-    completions and the caller's global RNG state is untouched.
+    Sampling draws from a private ``torch.Generator`` seeded with ``seed``: the same call gives the
+    same completions and the global RNG state is untouched.
 
     Args:
-        model: A Hugging Face causal LM.
-        prompt_ids: (S,) prompt token ids; repeat a prompt k times for k rollouts.
-        eos_token_id: Stops a row; kept as the last completion token.
+        model: A Hugging Face causal LM that accepts ``position_ids`` and returns a cache.
+        prompt_ids: (P,) prompt token ids.
+        k: Rollouts per prompt.
+        stop_token_ids: Ids that end a completion (kept as its last token), e.g. the EOS id or
+            :func:`stop_tokens`.
         pad_token_id: Left padding of the prompts.
         max_new_tokens: Length cap of a completion.
-        temperature: Softmax temperature (plain sampling: no top-k/top-p truncation).
+        temperature: Softmax temperature.
         seed: Seed of the sampling.
-        batch_size: Rows per ``generate`` call.
+        batch_size: Rollouts decoded together (a multiple of ``k`` is used).
         progress: Show a tqdm bar over batches.
         desc: Label of the bar.
 
     Returns:
-        (S,) completion token ids, each ending at its first EOS or at ``max_new_tokens``.
+        (P * k,) completion token ids, prompt-major, each ending at its first stop token or at
+        ``max_new_tokens``.
+
+    Raises:
+        GradAlignError: If ``k``, ``max_new_tokens`` or ``temperature`` is not positive.
     """
     from tqdm.auto import tqdm
 
-    starts = range(0, len(prompt_ids), batch_size)
-    completions: list[list[int]] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            ids, mask = _left_pad(prompt_ids[start : start + batch_size], pad_token_id)
-            out = model.generate(  # type: ignore[operator]
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-            )
-            new = out[:, ids.shape[1] :]  # (B, N)
-            completions.extend(trim_completion(row, eos_token_id) for row in new.tolist())
-    return completions
+    if k < 1 or max_new_tokens < 1 or not temperature > 0:
+        raise GradAlignError(
+            "sample_completions: k and max_new_tokens must be >= 1 and temperature > 0, got "
+            f"k={k}, max_new_tokens={max_new_tokens}, temperature={temperature}"
+        )
+    per = max(1, batch_size // k)  # prompts per batch
+    gen = torch.Generator().manual_seed(seed)
+    stop = {int(t) for t in stop_token_ids}
+    out: list[list[int]] = []
+    starts = range(0, len(prompt_ids), per)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        out += _sample_batch(
+            model,
+            prompt_ids[start : start + per],
+            k,
+            stop=stop,
+            pad_token_id=pad_token_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=gen,
+        )
+    return out

@@ -35,7 +35,6 @@ from gradalign._forward import (
     DEFAULT_LOGITS_ELEMENTS,
     _split_model,
     response_logprobs,
-    response_positions,
 )
 from gradalign._modules import TargetModules, match_modules
 from gradalign.errors import GradAlignError
@@ -50,7 +49,7 @@ from gradalign.extractors.base import (
 )
 from gradalign.objective import GRPOObjective
 from gradalign.projection import KINDS, projection_block
-from gradalign.rollouts import Rollouts
+from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FactorizedGradient", "check_settings", "factorized_chunks"]
 
@@ -142,28 +141,40 @@ class _Runs:
 
 @dataclass(eq=False)
 class _Recorder:
-    """Hook state of one chunk: the (Gc, D) buffer and the current micro-batch's layout."""
+    """Hook state of one chunk: the (Gc, D) buffer and the layout of the forward in flight."""
 
     sites: list[_Site]
     head: set[int]  # ids of the output head and its submodules (LoRA pieces of a wrapped head)
     buffer: torch.Tensor  # (Gc, D) float32
     seq_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    row_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     shape: tuple[int, int] = (0, 0)
-    head_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    head_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     cursors: dict[int, int] = field(default_factory=dict)  # per head module: rows seen so far
     recording: bool = False
     leaves: list[torch.Tensor] = field(default_factory=list)
     _per_seq: dict[int, _Runs] = field(default_factory=dict)
 
-    def begin(self, seq_group: torch.Tensor, width: int, head_rows: torch.Tensor) -> None:
-        """Start a micro-batch: (S',) chunk-local group of each sequence, padded width T'."""
-        self.seq_group, self.shape, self.head_rows = seq_group, (len(seq_group), width), head_rows
-        self.cursors, self.recording, self.leaves, self._per_seq = {}, True, [], {}
+    def begin(self, seq_group: torch.Tensor) -> None:
+        """Start a micro-batch: (S',) chunk-local group of each sequence."""
+        self.seq_group, self.leaves = seq_group, []
+
+    def layout(self, row_seq: torch.Tensor, width: int, head_seq: torch.Tensor) -> None:
+        """Start a decoder forward (the micro-batch runs one, or two with shared prompts).
+
+        Args:
+            row_seq: (B,) the sequence each batch row stands for (a shared prompt: any of its).
+            width: tokens per batch row.
+            head_seq: (N,) the sequence of each row the output head will see, in order.
+        """
+        self.row_group, self.shape = self.seq_group[row_seq], (len(row_seq), width)
+        self.head_group, self.cursors, self._per_seq = self.seq_group[head_seq], {}, {}
+        self.recording = True
 
     def _repeat(self, per: int) -> _Runs:
-        """Runs of the rows when every sequence has ``per`` rows (cached per micro-batch)."""
+        """Runs of the rows when every batch row has ``per`` rows (cached per forward)."""
         if per not in self._per_seq:
-            self._per_seq[per] = _Runs.of(self.seq_group.repeat_interleave(per))
+            self._per_seq[per] = _Runs.of(self.row_group.repeat_interleave(per))
         return self._per_seq[per]
 
     def token_groups(self, site: _Site, x: torch.Tensor) -> _Runs | None:
@@ -173,16 +184,15 @@ class _Recorder:
             if not self.recording:
                 return None  # recompute of a checkpointed head chunk: its hooks never fire
             start = self.cursors.get(id(site.module), 0)
-            seqs = self.head_rows[start : start + x.shape[0]]  # (n,)
             self.cursors[id(site.module)] = start + x.shape[0]
-            return _Runs.of(self.seq_group[seqs])
+            return _Runs.of(self.head_group[start : start + x.shape[0]])
         if x.dim() >= 2 and x.shape[0] == s and x.numel() % (s * site.d_in) == 0:
             return self._repeat(x.numel() // (s * site.d_in))
         if x.dim() == 2 and x.shape[0] == s * t:
             return self._repeat(t)
         raise GradAlignError(
             f"FactorizedGradient: module {site.name!r} got an input of shape {tuple(x.shape)} "
-            f"whose rows cannot be traced to the micro-batch's {s} sequences of {t} tokens; "
+            f"whose rows cannot be traced to the forward's {s} rows of {t} tokens; "
             "leave it out with target_modules"
         )
 
@@ -264,6 +274,7 @@ class _Job:
     objective: GRPOObjective
     weights: torch.Tensor | None  # (S, T) token weights, when they do not depend on log-probs
     max_logits_elements: int
+    share_prompts: bool
     call: str
 
 
@@ -271,16 +282,18 @@ def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torc
     """One forward + activation-only backward over ``rows`` (local groups ``local``)."""
     model, rollouts, weights = job.model, job.rollouts, job.weights
     device = model_device(model)
-    width = int(rollouts.attention_mask[rows].sum(1).max().item())
-    resp = rollouts.response_mask[rows, :width].to(device)  # (S', W)
-    recorder.begin(local.to(device), width, response_positions(resp)[0])
+    width = micro_batch_width(rollouts.attention_mask[rows])
+    local = local.to(device)
+    recorder.begin(local)
     with torch.enable_grad():
         logp = response_logprobs(
             model,
             rollouts.input_ids[rows, :width].to(device),
             rollouts.attention_mask[rows, :width].to(device),
-            resp,
+            rollouts.response_mask[rows, :width].to(device),
             max_logits_elements=job.max_logits_elements,
+            share_keys=local if job.share_prompts else None,
+            on_forward=recorder.layout,
         )  # (S', W)
         recorder.recording = False
         if weights is None:
@@ -312,6 +325,7 @@ def factorized_chunks(
     batch_size: int = 16,
     group_chunk: int | None = None,
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
+    share_prompts: bool = False,
     call: str = "FactorizedGradient.per_group",
     progress: bool = False,
 ) -> Iterator[GroupGradients]:
@@ -328,6 +342,7 @@ def factorized_chunks(
         batch_size: sequences per forward/backward.
         group_chunk: groups per yielded chunk.
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+        share_prompts: run each group's prompt once per micro-batch (see FactorizedGradient).
         call: the public call, for error messages.
         progress: show a progress bar.
 
@@ -343,7 +358,7 @@ def factorized_chunks(
     # Rows with all-zero weights (zero-spread groups) add nothing: skip their forward entirely.
     weights = None if objective.needs_logprobs(rollouts) else objective.token_weights(rollouts)
     active = torch.ones(len(rollouts), dtype=torch.bool) if weights is None else weights.any(1)
-    job = _Job(model, rollouts, objective, weights, max_logits_elements, call)
+    job = _Job(model, rollouts, objective, weights, max_logits_elements, share_prompts, call)
     zero_spread = objective.zero_spread(rollouts).cpu()
     tokens = rollouts.group_token_counts().cpu()
     sizes = rollouts.group_sizes().cpu()
@@ -411,6 +426,12 @@ class FactorizedGradient(GradientExtractor):
         batch_size: sequences per forward/backward (many groups share one pass).
         group_chunk: groups per yielded chunk; None keeps a chunk under 1 GiB.
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+        share_prompts: run the prompt of a group's rollouts once per micro-batch and reuse its
+            key/value cache for every rollout (the same numbers up to float rounding). A group of k
+            rollouts then costs one prompt plus k responses instead of k prompts plus k responses:
+            the larger the prompt next to the responses, the larger the saving. Needs a
+            transformers model whose decoder returns a key/value cache; keep ``batch_size`` a
+            multiple of the group size so that groups are not split across micro-batches.
 
     The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode), also after an
     exception. With tied embeddings the head's segment holds only the output-head use of the
@@ -431,6 +452,7 @@ class FactorizedGradient(GradientExtractor):
     batch_size: int = 16
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
+    share_prompts: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -463,6 +485,7 @@ class FactorizedGradient(GradientExtractor):
             batch_size=self.batch_size,
             group_chunk=self.group_chunk,
             max_logits_elements=self.max_logits_elements,
+            share_prompts=self.share_prompts,
             call=call,
             progress=progress,
         )

@@ -32,7 +32,7 @@ from gradalign.extractors.base import (
 )
 from gradalign.objective import GRPOObjective
 from gradalign.projection import KINDS, project
-from gradalign.rollouts import Rollouts
+from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FullGradient", "RandomProjectedGradient"]
 
@@ -48,13 +48,14 @@ def _group_gradient(
     *,
     batch_size: int,
     max_logits_elements: int,
+    share_prompts: bool,
 ) -> list[torch.Tensor]:
     """float32 gradients of one group's loss w.r.t. ``params``, micro-batch by micro-batch."""
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     device = model_device(model)
     needs_logprobs = objective.needs_logprobs(rollouts)
     for mb in rows.split(batch_size):
-        width = int(rollouts.attention_mask[mb].sum(1).max().item())
+        width = micro_batch_width(rollouts.attention_mask[mb])
         if not needs_logprobs:
             weights = objective.token_weights(rollouts, rows=mb, width=width)  # (S', W)
             if not bool(weights.any()):
@@ -65,6 +66,8 @@ def _group_gradient(
             rollouts.attention_mask[mb, :width].to(device),
             rollouts.response_mask[mb, :width].to(device),
             max_logits_elements=max_logits_elements,
+            # One group: every row of the micro-batch may share its prompt with the others.
+            share_keys=torch.zeros(len(mb), dtype=torch.long) if share_prompts else None,
         )  # (S', W)
         if needs_logprobs:
             weights = objective.token_weights(
@@ -92,6 +95,9 @@ class FullGradient(GradientExtractor):
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
         preconditioner: optional parameter name -> scale (e.g. :class:`AdamPreconditioner`) that
             multiplies each parameter's gradient before it is reduced or projected.
+        share_prompts: run the group's prompt once per micro-batch and reuse its key/value cache
+            for every rollout (the same numbers up to float rounding; see
+            :class:`~gradalign.extractors.factorized.FactorizedGradient`).
 
     The model is left as found: requires_grad flags, ``.grad`` and train/eval mode (extraction runs
     in eval mode so dropout is off).
@@ -106,6 +112,7 @@ class FullGradient(GradientExtractor):
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
     preconditioner: Mapping[str, torch.Tensor] | None = None
+    share_prompts: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -176,6 +183,7 @@ class FullGradient(GradientExtractor):
                         params,
                         batch_size=self.batch_size,
                         max_logits_elements=self.max_logits_elements,
+                        share_prompts=self.share_prompts,
                     )
                 )
                 if len(pending) == chunk or g == len(all_rows) - 1:
@@ -212,6 +220,7 @@ class RandomProjectedGradient(FullGradient):
         group_chunk: as in :class:`FullGradient`.
         max_logits_elements: as in :class:`FullGradient`.
         preconditioner: as in :class:`FullGradient`.
+        share_prompts: as in :class:`FullGradient`.
 
     Example:
         >>> out = RandomProjectedGradient(dim=1024, seed=0).per_group(model, rollouts)  # doctest: +SKIP
@@ -233,8 +242,10 @@ class RandomProjectedGradient(FullGradient):
         group_chunk: int | None = None,
         max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
         preconditioner: Mapping[str, torch.Tensor] | None = None,
+        share_prompts: bool = False,
     ) -> None:
         self.dim, self.kind, self.seed = dim, kind, seed
+        self.share_prompts = share_prompts
         self.target_modules, self.batch_size = target_modules, batch_size
         self.group_chunk, self.max_logits_elements = group_chunk, max_logits_elements
         self.preconditioner = preconditioner

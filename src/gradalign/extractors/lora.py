@@ -114,6 +114,8 @@ class LoRAGradient(GradientExtractor):
         batch_size: sequences per forward/backward (many groups share one pass).
         group_chunk: groups per yielded chunk; None keeps a chunk under 1 GiB.
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+        share_prompts: run a group's prompt once per micro-batch, as in
+            :class:`~gradalign.extractors.factorized.FactorizedGradient`.
 
     The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode); adapter dropout
     is off during extraction (eval mode).
@@ -130,6 +132,7 @@ class LoRAGradient(GradientExtractor):
     batch_size: int = 16
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
+    share_prompts: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -157,6 +160,7 @@ class LoRAGradient(GradientExtractor):
             batch_size=self.batch_size,
             group_chunk=self.group_chunk,
             max_logits_elements=self.max_logits_elements,
+            share_prompts=self.share_prompts,
             call=call,
             progress=progress,
         )
