@@ -154,7 +154,7 @@ def cache_argument(body: nn.Module) -> str:
     """Name of the key/value cache argument and output: "cache" (transformers >= 5.24) or the
     older "past_key_values"."""
     try:
-        params = inspect.signature(body.forward).parameters
+        params = inspect.signature(type(body).forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
@@ -166,14 +166,14 @@ class _SharedPrompts:
 
     rep: torch.Tensor  # (P,) one sequence of each distinct prompt
     inv: torch.Tensor  # (S,) prompt of each sequence
-    start: torch.Tensor  # (S,) position of each prompt's last token, where its rollout starts
+    start: torch.Tensor  # (S,) prompt length: the position of the first response token
 
     @classmethod
     def plan(cls, c: _Compact, keys: torch.Tensor) -> _SharedPrompts | None:
-        """None when nothing is shared or a prompt is a single token (nothing to cache)."""
+        """None when no two rows share a (key, prompt) pair."""
         s = len(c.ids)
-        start = c.resp.int().argmax(1) - 1  # (S,) every row has a response token
-        if s < 2 or int(start.min().item()) < 1:
+        start = c.resp.int().argmax(1)  # (S,) >= 1: Rollouts keeps a token before every response
+        if s < 2:
             return None
         lp = int(start.max().item())
         ar = torch.arange(lp, device=c.ids.device)
@@ -190,7 +190,8 @@ class _SharedPrompts:
     def run(self, body: nn.Module, c: _Compact, on_forward: OnForward | None) -> _Gathered:
         device = c.ids.device
         lp = int(self.start.max().item())
-        p_mask = torch.arange(lp, device=device)[None, :] < self.start[self.rep][:, None]  # (P, Lp)
+        p_len = self.start[self.rep]  # (P,)
+        p_mask = torch.arange(lp, device=device)[None, :] < p_len[:, None]  # (P, Lp)
         if on_forward is not None:
             on_forward(self.rep, lp, torch.zeros(0, dtype=torch.long, device=device))
         out = body(input_ids=c.ids[self.rep, :lp], attention_mask=p_mask.long(), use_cache=True)
@@ -201,8 +202,9 @@ class _SharedPrompts:
                 "share_prompts: the model's decoder returned no key/value cache with "
                 f"reorder_cache(), got {type(cache).__name__}; use share_prompts=False"
             )
+        last = _hidden(out)[torch.arange(len(self.rep), device=device), p_len - 1]  # (P, H)
         cache.reorder_cache(self.inv)  # (P, ...) -> (S, ...): one copy of a prompt per rollout
-        n = c.lengths - self.start  # (S,) tokens from the prompt's last one on
+        n = c.lengths - self.start  # (S,) tokens after the prompt
         cw = int(n.max().item())
         ar = torch.arange(cw, device=device)
         pos = self.start[:, None] + ar[None, :]  # (S, C) positions in the compact row
@@ -210,7 +212,7 @@ class _SharedPrompts:
         at = pos.clamp(max=c.ids.shape[1] - 1)  # (S, C)
         ids, resp = c.ids.gather(1, at), c.resp.gather(1, at) & keep  # (S, C)
         mask = torch.cat([p_mask[self.inv], keep], dim=1).long()  # (S, Lp + C)
-        rows, cols = response_positions(resp)  # (N,), (N,)
+        rows, cols = resp.nonzero(as_tuple=True)  # (N,), (N,): every response token
         if on_forward is not None:
             on_forward(torch.arange(len(ids), device=device), cw, rows)
         hidden = _hidden(
@@ -222,10 +224,11 @@ class _SharedPrompts:
                 **{name: cache},
             )
         )  # (S, C, H)
+        # Token c of the continuation is predicted by the hidden state before it: the prompt's
+        # last one for c = 0.
+        prev = torch.cat([last[self.inv][:, None], hidden[:, :-1]], dim=1)  # (S, C, H)
         orig = c.cols.gather(1, at)  # (S, C)
-        return _Gathered(
-            hidden[:, :-1][rows, cols], ids[:, 1:][rows, cols], rows, orig[rows, cols + 1]
-        )
+        return _Gathered(prev[rows, cols], ids[rows, cols], rows, orig[rows, cols])
 
 
 def response_logprobs(

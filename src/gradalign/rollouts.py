@@ -165,6 +165,22 @@ class Rollouts:
             raise GradAlignError(
                 f"Rollouts: response_mask marks padding (attention_mask 0) as response in row {row}"
             )
+        att = attn.long()
+        runs = (att[:, 1:] > att[:, :-1]).sum(1) + att[:, 0]  # (S,) starts of attended runs
+        if (runs > 1).any():
+            row = int((runs > 1).nonzero()[0])
+            raise GradAlignError(
+                "Rollouts: attention_mask must be one contiguous run of 1s per row (left, right "
+                f"or no padding), got {att[row, :32].tolist()} in row {row}"
+            )
+        first = att.argmax(1)  # (S,) first attended column
+        orphan = resp[torch.arange(len(resp)), first] & attn.any(1)
+        if orphan.any():
+            row = int(orphan.nonzero()[0])
+            raise GradAlignError(
+                f"Rollouts: response_mask marks the first attended token of row {row} (column "
+                f"{int(first[row])}) as a response token; nothing precedes it to predict it"
+            )
         empty = ~resp.any(1)
         if empty.any():
             rows = empty.nonzero().flatten().tolist()
