@@ -34,7 +34,7 @@ $(VENV)/.verl-stamp: $(VENV)/.dev-stamp tests/requirements-verl.txt
 	touch $@
 
 demo: $(VENV)/.demo-stamp
-	$(BIN)/python -m gradalign.demo $(ARGS)
+	$(BIN)/python -m gradalign.demo --json demo_out/results.json $(ARGS)
 
 demo-tiny: $(VENV)/.demo-stamp
 	$(BIN)/python -m gradalign.demo --tiny $(ARGS)

@@ -99,3 +99,53 @@ def test_from_texts_boundary_is_exact() -> None:
     assert tok.decode(chat.input_ids[0, :first_resp]) == rendered
     with pytest.raises(GradAlignError, match="2 prompts but 1 completions"):
         Rollouts.from_texts(tok, prompts, ["4"], [1.0, 0.0], [0, 1])
+
+
+def test_from_generate_splits_hf_generate_output() -> None:
+    """Left-padded prompts through a real ``generate`` with k = 3 return sequences per prompt."""
+    from gradalign.testing import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    tok.padding_side = "left"
+    texts = ["1+1=", "What is 12-5? "]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    out = model.generate(
+        **batch,
+        do_sample=True,
+        max_new_tokens=6,
+        num_return_sequences=3,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    rewards = torch.arange(6, dtype=torch.float32)
+    ro = Rollouts.from_generate(
+        batch.input_ids,
+        out,
+        rewards,
+        pad_token_id=0,
+        eos_token_id=1,
+        prompt_mask=batch.attention_mask,
+    )
+    assert ro.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    width = batch.input_ids.shape[1]
+    for row in range(6):
+        prompt = tok(texts[row // 3]).input_ids
+        generated = out[row, width:].tolist()
+        completion = generated[: generated.index(1) + 1] if 1 in generated else generated
+        n = len(prompt) + len(completion)
+        assert ro.input_ids[row, :n].tolist() == prompt + completion
+        assert ro.response_mask[row].nonzero().flatten().tolist() == list(range(len(prompt), n))
+    torch.testing.assert_close(ro.rewards, rewards)
+
+
+def test_from_generate_rejects_a_foreign_prompt_batch() -> None:
+    prompt = torch.tensor([[0, 5, 6]])
+    with pytest.raises(GradAlignError, match="must repeat prompt_ids"):
+        Rollouts.from_generate(
+            prompt, torch.tensor([[0, 5, 7, 3, 1]]), [1.0], pad_token_id=0, eos_token_id=1
+        )
+    with pytest.raises(GradAlignError, match="multiple of 1 rows"):
+        Rollouts.from_generate(
+            prompt, torch.tensor([[0, 5, 6]]), [1.0], pad_token_id=0, eos_token_id=1
+        )

@@ -90,3 +90,55 @@ def tokenize_pairs(
         ids = list(tokenizer(c, add_special_tokens=False)["input_ids"])
         completion_ids.append([*ids, eos] if add_eos else ids)
     return prompt_ids, completion_ids, int(pad if pad is not None else 0)
+
+
+def split_generate_output(
+    prompt_ids: torch.Tensor,
+    sequences: torch.Tensor,
+    *,
+    prompt_mask: torch.Tensor | None,
+    pad_token_id: int,
+    eos_token_id: int | Sequence[int] | None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """``generate``'s (B * k, L + N) output -> per-row prompt ids (padding dropped) and completions.
+
+    A completion ends after its first EOS (kept: trainers train it); what follows is padding. Without
+    an EOS it runs to the end, trailing ``pad_token_id`` removed.
+    """
+    call = "Rollouts.from_generate"
+    prompts, seqs = torch.as_tensor(prompt_ids), torch.as_tensor(sequences)
+    if prompts.dim() != 2 or seqs.dim() != 2:
+        raise GradAlignError(
+            f"{call}: prompt_ids and sequences must be 2-D, got shapes {tuple(prompts.shape)} "
+            f"and {tuple(seqs.shape)}"
+        )
+    b, width = prompts.shape
+    if seqs.shape[0] % b or seqs.shape[1] <= width:
+        raise GradAlignError(
+            f"{call}: sequences must have a multiple of {b} rows (k rollouts per prompt) and more "
+            f"than {width} columns (prompt + completion), got shape {tuple(seqs.shape)}"
+        )
+    k = seqs.shape[0] // b
+    if not torch.equal(seqs[:, :width].cpu(), prompts.cpu().repeat_interleave(k, dim=0)):
+        raise GradAlignError(
+            f"{call}: sequences[:, :{width}] must repeat prompt_ids {k} times each (generate's "
+            "num_return_sequences layout); pass the input_ids given to generate"
+        )
+    mask = prompts != pad_token_id if prompt_mask is None else torch.as_tensor(prompt_mask).bool()
+    if tuple(mask.shape) != (b, width):
+        raise GradAlignError(
+            f"{call}: prompt_mask must have the shape of prompt_ids {(b, width)}, got "
+            f"{tuple(mask.shape)}"
+        )
+    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    prompt_rows = [prompts[i][mask[i].cpu()].tolist() for i in range(b)]
+    out_prompts, completions = [], []
+    for row, tokens in enumerate(seqs[:, width:].tolist()):
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+        if cut is None:
+            while tokens and tokens[-1] == pad_token_id:
+                tokens.pop()
+            cut = len(tokens)
+        out_prompts.append(prompt_rows[row // k])
+        completions.append(tokens[:cut])
+    return out_prompts, completions

@@ -316,6 +316,70 @@ class Rollouts:
         )
 
     @classmethod
+    def from_generate(
+        cls,
+        prompt_ids: torch.Tensor,
+        sequences: torch.Tensor,
+        rewards: _TensorLike,
+        group_ids: _TensorLike | None = None,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int] | None,
+        prompt_mask: torch.Tensor | None = None,
+        max_length: int | None = None,
+    ) -> Rollouts:
+        """Build rollouts from ``model.generate``'s output, as Hugging Face returns it.
+
+        ``generate`` takes a (B, L) batch of (usually left-padded) prompts and, with
+        ``num_return_sequences=k``, returns (B * k, L + N) sequences: each prompt row repeated k
+        times, followed by the generated tokens, padded after the first EOS. This splits each row
+        into its prompt (padding dropped) and its completion (cut after the first EOS, which is
+        kept) and packs them like :meth:`from_token_ids`.
+
+        Args:
+            prompt_ids: (B, L) the ``input_ids`` passed to ``generate``.
+            sequences: (B * k, L + N) what ``generate`` returned (``.sequences`` of a dict output).
+            rewards: (B * k,) reward of each row.
+            group_ids: (B * k,) problem id of each row; None uses the prompt's row index (0..B-1).
+            pad_token_id: the padding id ``generate`` used.
+            eos_token_id: the id (or ids) that end a completion; None keeps every generated token
+                except trailing padding.
+            prompt_mask: (B, L) the ``attention_mask`` passed to ``generate``; None treats every
+                ``pad_token_id`` in ``prompt_ids`` as padding.
+            max_length: as in :meth:`from_token_ids`.
+
+        Example:
+            >>> import torch
+            >>> prompt = torch.tensor([[0, 5, 6], [7, 8, 9]])  # left-padded, pad id 0
+            >>> out = torch.tensor([[0, 5, 6, 3, 1, 0], [0, 5, 6, 4, 4, 1],
+            ...                     [7, 8, 9, 2, 1, 0], [7, 8, 9, 3, 3, 3]])
+            >>> ro = Rollouts.from_generate(prompt, out, [1.0, 0.0, 0.0, 1.0],
+            ...                             pad_token_id=0, eos_token_id=1)
+            >>> ro.group_ids.tolist(), ro.response_mask.sum(1).tolist()
+            ([0, 0, 1, 1], [2, 3, 2, 3])
+        """
+        from gradalign._tokenize import split_generate_output
+
+        prompts, completions = split_generate_output(
+            prompt_ids,
+            sequences,
+            prompt_mask=prompt_mask,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )
+        if group_ids is None:
+            k = len(completions) // int(torch.as_tensor(prompt_ids).shape[0])
+            group_ids = [row // k for row in range(len(completions))]
+        return cls.from_token_ids(
+            prompts,
+            completions,
+            rewards,
+            group_ids,
+            pad_token_id=pad_token_id,
+            max_length=max_length,
+        )
+
+    @classmethod
     def from_texts(
         cls,
         tokenizer: Any,
