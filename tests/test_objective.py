@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gradalign import GradAlignError, GRPOObjective, Rollouts
+from tests.helpers import make_rollouts
 
 
 def _rollouts(**extra: torch.Tensor) -> Rollouts:
@@ -133,3 +134,44 @@ def test_zero_spread_and_errors() -> None:
         GRPOObjective(kl_coef=0.1).token_weights(ro, torch.zeros(3, 3))
     with pytest.raises(GradAlignError, match="logprobs must have shape"):
         obj.token_weights(ro, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_zero_eps_gives_zero_advantages_for_zero_spread(scale: str) -> None:
+    ro = make_rollouts(vocab=50, groups=[0, 0, 1, 1], rewards=[1.0, 1.0, 0.0, 1.0])
+    adv = GRPOObjective(scale_rewards=scale, eps=0.0).advantages(ro)
+    assert torch.isfinite(adv).all()
+    assert adv[:2].tolist() == [0.0, 0.0]
+    same = make_rollouts(vocab=50, groups=[0, 0], rewards=[1.0, 1.0])
+    assert GRPOObjective(scale_rewards=scale, eps=0.0).advantages(same).tolist() == [0.0, 0.0]
+
+
+def test_zero_eps_extractors_give_exact_zeros(qwen: torch.nn.Module) -> None:
+    from gradalign import FactorizedGradient, FullGradient, GradAlign
+
+    ro = make_rollouts(
+        vocab=qwen.config.vocab_size, groups=[0, 0, 1, 1], rewards=[1.0, 1.0, 0.0, 1.0]
+    )
+    obj = GRPOObjective(eps=0.0)
+    for ext in (FullGradient(), FactorizedGradient(4, 4)):
+        grads = ext.per_group(qwen, ro, obj).grads
+        assert torch.isfinite(grads).all()
+        assert grads[0].abs().sum() == 0 and grads[1].abs().sum() > 0
+    scores = GradAlign(objective=obj).score(qwen, ro, ro).scores
+    assert scores is not None and torch.isfinite(scores).all() and scores[1] > 0.99
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kl_coef": float("inf")}, "kl_coef must be finite"),
+        ({"eps": float("nan")}, "eps must be finite"),
+        ({"clip_high": float("inf")}, "clip_high must be finite"),
+        ({"eps": "1"}, "eps must be a real number, got str"),
+        ({"clip_low": True}, "clip_low must be a real number, got bool"),
+        ({"max_response_length": 2.5}, "max_response_length must be an int"),
+    ],
+)
+def test_non_finite_and_mistyped_settings_are_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(GradAlignError, match=match):
+        GRPOObjective(**kwargs)

@@ -98,3 +98,24 @@ def test_batch_target_equals_one_backward_over_validation(qwen: torch.nn.Module,
     loss = -(adv[:, None] * agg_w[:, 1:] * lp).sum()
     ref = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(qwen.parameters()))])
     torch.testing.assert_close(target, ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1.0, 1e20, 3e37])
+def test_scores_finite_and_scale_free_at_any_magnitude(scale: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    grads, target = torch.randn(5, 16, generator=g), torch.randn(3, 16, generator=g)
+    ref = cosine(grads.double(), target.double())  # float64 reference at unit scale
+    got = cosine(grads * scale, target * scale)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-6)
+    ip = inner_product(grads * scale, target, normalize_target=True)
+    torch.testing.assert_close(ip / scale, inner_product(grads, target, normalize_target=True))
+
+
+def test_issue_examples_of_huge_and_tiny_inputs() -> None:
+    assert cosine(torch.full((2, 4), 1e20), torch.full((4,), 1e20)).tolist() == [1.0, 1.0]
+    assert cosine(torch.full((2, 4), 1e-30), torch.full((4,), 1e-30)).tolist() == [1.0, 1.0]
+    ip = inner_product(torch.full((2, 4), 1e20), torch.full((4,), 1e20), normalize_target=True)
+    torch.testing.assert_close(ip, torch.full((2,), 2e20))
+    with pytest.raises(GradAlignError, match="overflows float32"):
+        inner_product(torch.full((2, 4), 1e20), torch.full((4,), 1e20))

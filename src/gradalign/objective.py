@@ -9,6 +9,7 @@ Shape glossary: S sequences, T tokens, G groups.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,14 @@ LOSS_AGGREGATIONS = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
+
+
+def _divide(centred: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``centred / scale``, exactly 0 where the scale is 0 (then ``centred`` is 0 too: no spread).
+
+    With ``eps=0`` a zero-spread group would otherwise give 0 / 0 = NaN.
+    """
+    return torch.where(scale > 0, centred / torch.where(scale > 0, scale, 1.0), 0.0)
 
 
 def _group_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -67,6 +76,24 @@ class GRPOObjective:
 
     def __post_init__(self) -> None:
         name = "GRPOObjective"
+        for field in ("eps", "clip_low", "clip_high", "kl_coef", "zero_spread_tol"):
+            value = getattr(self, field)
+            if value is None and field == "clip_high":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise GradAlignError(
+                    f"{name}: {field} must be a real number, got {type(value).__name__} {value!r}"
+                )
+            if not math.isfinite(value):
+                raise GradAlignError(f"{name}: {field} must be finite, got {value}")
+        if self.max_response_length is not None and (
+            isinstance(self.max_response_length, bool)
+            or not isinstance(self.max_response_length, int)
+        ):
+            raise GradAlignError(
+                f"{name}: max_response_length must be an int or None, got "
+                f"{self.max_response_length!r}"
+            )
         if self.scale_rewards not in REWARD_SCALINGS:
             raise GradAlignError(
                 f"{name}: scale_rewards must be one of {REWARD_SCALINGS}, got {self.scale_rewards!r}"
@@ -105,10 +132,10 @@ class GRPOObjective:
             return centred
         if self.scale_rewards == "batch":
             std = r.std() if r.numel() > 1 else r.new_zeros(())
-            return centred / (std + self.eps)
+            return _divide(centred, (std + self.eps).expand_as(centred))
         # Unbiased std like the common trainers; a single-rollout group has no spread.
         var = _group_sum(centred**2, idx, g) / (count - 1).clamp_min(1)  # (G,)
-        return centred / (var.sqrt()[idx] + self.eps)
+        return _divide(centred, var.sqrt()[idx] + self.eps)
 
     def zero_spread(self, rollouts: Rollouts) -> torch.Tensor:
         """(G,) bool, True for groups whose rewards have no spread (their GRPO gradient is zero)."""

@@ -26,6 +26,7 @@ __all__ = [
     "TASK_AGGREGATIONS",
     "TargetAccumulator",
     "aggregate_tasks",
+    "alignment_terms",
     "build_target",
     "cosine",
     "inner_product",
@@ -57,10 +58,62 @@ def zero_rows(grads: torch.Tensor) -> torch.Tensor:
     return ~(grads != 0).any(dim=1)
 
 
-def _dot(grads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    t = target.to(device=grads.device, dtype=torch.float32)
-    t2 = t[None] if t.dim() == 1 else t  # (Q, D)
-    return grads.float() @ t2.T  # (G, Q)
+def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) rows divided by their largest magnitude (entries in [-1, 1]) and (N,) float64 scales.
+
+    Products and squares of the scaled rows neither overflow nor underflow in float32, whatever the
+    magnitude of the input (1e20 or 1e-30 alike); a zero row stays zero with scale 0.
+    """
+    x = x.float()
+    scale = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0])  # (N,)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return x / safe[:, None], scale.double()
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 norms of the rows of ``x`` (N, D), free of overflow and underflow."""
+    scaled, scale = _scaled(x)
+    return scaled.norm(dim=1).double() * scale
+
+
+def alignment_terms(
+    grads: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G, Q) inner products, (G,) and (Q,) norms of ``grads`` (G, D) and ``targets`` (Q, D).
+
+    The one scoring kernel: rows are scaled to unit max-magnitude before multiplying and the
+    results are float64, so any finite input gives finite terms. Cosine is
+    ``dot / (grad_norm * target_norm)``; the paper's inner product is ``dot / target_norm``.
+    """
+    gs, g_scale = _scaled(grads)  # (G, D), (G,)
+    ts, t_scale = _scaled(targets.to(grads.device))  # (Q, D), (Q,)
+    dot = (gs @ ts.T).double() * g_scale[:, None] * t_scale[None, :]  # (G, Q)
+    return dot, gs.norm(dim=1).double() * g_scale, ts.norm(dim=1).double() * t_scale
+
+
+def cosine_from_terms(
+    dot: torch.Tensor, grad_norm: torch.Tensor, target_norm: torch.Tensor
+) -> torch.Tensor:
+    """(G, Q) float32 cosine from :func:`alignment_terms`; exactly 0 where a norm is 0."""
+    denom = grad_norm[:, None] * target_norm[None, :]  # (G, Q)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, dot / safe, 0.0).clamp(-1.0, 1.0).float()
+
+
+def unit_target_product(dot: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
+    """(G, Q) float32 ``<g, t / |t|>`` from :func:`alignment_terms`; 0 for a zero target."""
+    t = target_norm[None, :]
+    return torch.where(t > 0, dot / torch.where(t > 0, t, torch.ones_like(t)), 0.0).float()
+
+
+def _finite32(call: str, out: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(out).all()):
+        big = float(out[~torch.isfinite(out)][0])
+        raise GradAlignError(
+            f"{call}: a score overflows float32 ({big}); the inputs are too large for an "
+            "unnormalised inner product: use normalize_target=True or cosine"
+        )
+    return out
 
 
 def cosine(grads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -71,20 +124,17 @@ def cosine(grads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target: (D,) one target, or (Q, D) several.
 
     Returns:
-        (G,) for a (D,) target, (G, Q) for a (Q, D) target; exactly 0 where either norm is 0.
+        (G,) for a (D,) target, (G, Q) for a (Q, D) target; exactly 0 where either norm is 0, and
+        finite for any finite input (rows are scaled before they are multiplied).
 
     Example:
         >>> cosine(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([2.0, 0.0]))
         tensor([1., 0.])
     """
     _check_pair("cosine", grads, target)
-    dot = _dot(grads, target)  # (G, Q)
-    g_norm = grads.float().norm(dim=1)  # (G,)
-    t2 = target[None] if target.dim() == 1 else target
-    t_norm = t2.float().norm(dim=1).to(grads.device)  # (Q,)
-    denom = g_norm[:, None] * t_norm[None, :]  # (G, Q)
-    out = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    return out.clamp(-1.0, 1.0).squeeze(1) if target.dim() == 1 else out.clamp(-1.0, 1.0)
+    t2 = target[None] if target.dim() == 1 else target  # (Q, D)
+    out = cosine_from_terms(*alignment_terms(grads, t2))  # (G, Q)
+    return out.squeeze(1) if target.dim() == 1 else out
 
 
 def inner_product(
@@ -100,13 +150,20 @@ def inner_product(
 
     Returns:
         (G,) or (G, Q), like :func:`cosine`.
+
+    Raises:
+        GradAlignError: If a score does not fit in float32 (only possible without
+            ``normalize_target`` or with gradients near the float32 limit).
+
+    Example:
+        >>> inner_product(torch.tensor([[3.0, 4.0]]), torch.tensor([2.0, 0.0]), normalize_target=True)
+        tensor([3.])
     """
     _check_pair("inner_product", grads, target)
-    t = target.float()
-    if normalize_target:
-        norms = t.norm(dim=-1, keepdim=True)
-        t = torch.where(norms > 0, t / norms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    out = _dot(grads, t)  # (G, Q)
+    t2 = target[None] if target.dim() == 1 else target  # (Q, D)
+    dot, _, t_norm = alignment_terms(grads, t2)  # (G, Q), _, (Q,)
+    out = unit_target_product(dot, t_norm) if normalize_target else dot.float()
+    out = _finite32("inner_product", out)
     return out.squeeze(1) if target.dim() == 1 else out
 
 

@@ -31,6 +31,10 @@ from gradalign.scoring import (
     TASK_AGGREGATIONS,
     TargetAccumulator,
     aggregate_tasks,
+    alignment_terms,
+    cosine_from_terms,
+    row_norms,
+    unit_target_product,
 )
 
 __all__ = ["SCORERS", "Alignment", "GradAlign", "Selection"]
@@ -44,9 +48,9 @@ class Alignment:
 
     Attributes:
         ids: (G,) candidate group ids, ascending.
-        dot: (G, Q) inner products with the (unnormalised) targets.
-        grad_norm: (G,) norms of the candidate gradients.
-        target_norm: (Q,) norms of the targets.
+        dot: (G, Q) float64 inner products with the (unnormalised) targets.
+        grad_norm: (G,) float64 norms of the candidate gradients.
+        target_norm: (Q,) float64 norms of the targets.
         zero_spread: (G,) groups whose rewards have no spread.
         task_labels: the label of each target.
         grads: (G, D) candidate gradients when kept (``keep_grads=True``), else None.
@@ -69,15 +73,13 @@ class Alignment:
 
     @property
     def task_cosine(self) -> torch.Tensor:
-        """(G, Q) cosine with each target; 0 where a norm is 0."""
-        denom = self.grad_norm[:, None] * self.target_norm[None, :]
-        return torch.where(denom > 0, self.dot / denom.clamp_min(1e-30), 0.0).clamp(-1.0, 1.0)
+        """(G, Q) float32 cosine with each target; 0 where a norm is 0."""
+        return cosine_from_terms(self.dot, self.grad_norm, self.target_norm)
 
     @property
     def task_inner_product(self) -> torch.Tensor:
         """(G, Q) inner product with each unit-norm target (the paper's inner-product score)."""
-        t = self.target_norm[None, :]
-        return torch.where(t > 0, self.dot / t.clamp_min(1e-30), 0.0)
+        return unit_target_product(self.dot, self.target_norm)
 
     @property
     def cosine(self) -> torch.Tensor:
@@ -268,7 +270,7 @@ class GradAlign:
             ids=ids,
             dot=dot,
             grad_norm=grad_norm,
-            target_norm=target.norm(dim=1),
+            target_norm=row_norms(target),
             zero_spread=zero_spread,
             task_labels=labels,
             grads=grads,
@@ -288,8 +290,9 @@ class GradAlign:
         for chunk in self.extractor.iter_groups(model, candidates, objective, progress=progress):
             grads = chunk.grads.float()  # (Gc, D)
             ids.append(chunk.group_ids)
-            dots.append(grads @ target.T)  # (Gc, Q)
-            norms.append(grads.norm(dim=1))  # (Gc,)
+            dot, norm, _ = alignment_terms(grads, target)  # (Gc, Q), (Gc,), (Q,)
+            dots.append(dot)
+            norms.append(norm)
             spread.append(chunk.zero_spread)
             if self.keep_grads:
                 kept.append(grads)

@@ -136,12 +136,62 @@ def group_rows(rollouts: Rollouts) -> list[torch.Tensor]:
     return list(torch.split(order, rollouts.group_sizes().tolist()))
 
 
+def pack_groups(local: torch.Tensor, batch_size: int) -> list[slice]:
+    """Micro-batches of consecutive rows that never split a group, unless it alone is too big.
+
+    Args:
+        local: (R,) group of each row, rows of a group adjacent.
+        batch_size: most rows per micro-batch.
+
+    Returns:
+        Row ranges: whole groups packed greedily up to ``batch_size`` rows; a group larger than
+        ``batch_size`` gets micro-batches of its own. Keeping a group together lets its rollouts
+        share their prompt's forward pass.
+
+    Example:
+        >>> pack_groups(torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2]), 4)
+        [slice(0, 2, None), slice(2, 5, None), slice(5, 9, None), slice(9, 10, None)]
+    """
+    out: list[slice] = []
+    start = pos = 0
+    for n in torch.unique_consecutive(local, return_counts=True)[1].tolist():
+        if pos + n - start > batch_size and pos > start:
+            out.append(slice(start, pos))
+            start = pos
+        if n > batch_size:
+            out += [slice(i, min(pos + n, i + batch_size)) for i in range(pos, pos + n, batch_size)]
+            start = pos + n
+        pos += n
+    if pos > start:
+        out.append(slice(start, pos))
+    return out
+
+
 def progress_bar(iterable: Iterable[Any], *, enabled: bool, total: int, desc: str) -> Iterable[Any]:
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class GroupCounter:
+    """A progress bar that counts groups (not chunks); a no-op when disabled."""
+
+    def __init__(self, *, enabled: bool, total: int, desc: str) -> None:
+        self._bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="group", leave=False)
+
+    def update(self, groups: int) -> None:
+        if self._bar is not None:
+            self._bar.update(groups)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 class GradientExtractor(ABC):

@@ -40,12 +40,13 @@ from gradalign._modules import TargetModules, match_modules
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
     GradientExtractor,
+    GroupCounter,
     GroupGradients,
     Segment,
     extraction_mode,
     group_rows,
     model_device,
-    progress_bar,
+    pack_groups,
 )
 from gradalign.objective import GRPOObjective
 from gradalign.projection import KINDS, projection_block
@@ -364,18 +365,29 @@ def factorized_chunks(
     sizes = rollouts.group_sizes().cpu()
     by_group = group_rows(rollouts)
     n_groups = len(by_group)
-    starts = range(0, n_groups, chunk)
-    for lo in progress_bar(starts, enabled=progress, total=len(starts), desc=call.split(".")[0]):
+    counter = GroupCounter(enabled=progress, total=n_groups, desc=call.split(".")[0])
+    for lo in range(0, n_groups, chunk):
         hi = min(n_groups, lo + chunk)
         rows = torch.cat(by_group[lo:hi])  # (S_c,) grouped, groups ascending
         rows = rows[active[rows].to(rows.device)]
         local = rollouts.group_index[rows] - lo  # (S_c,)
         buffer = torch.zeros(hi - lo, dim, dtype=torch.float32, device=model_device(model))
         recorder = _Recorder(sites, head, buffer)
-        with extraction_mode(model, []), _hooked(model, recorder, call):
-            for mb, mb_local in zip(rows.split(batch_size), local.split(batch_size), strict=True):
-                if mb.numel():  # empty in a chunk of zero-spread groups only
-                    _micro_batch(job, recorder, mb, mb_local)
+        done = 0  # groups of the chunk finished so far
+        try:
+            with extraction_mode(model, []), _hooked(model, recorder, call):
+                for mb in pack_groups(local, batch_size):
+                    _micro_batch(job, recorder, rows[mb], local[mb])
+                    last = int(local[mb.stop - 1])
+                    ends = mb.stop == len(local) or int(local[mb.stop]) != last
+                    counter.update(last + int(ends) - done)
+                    done = last + int(ends)
+        except BaseException:
+            counter.close()
+            raise
+        counter.update(hi - lo - done)  # zero-spread groups at the end run no rows
+        if hi == n_groups:
+            counter.close()
         yield GroupGradients(
             group_ids=rollouts.unique_groups[lo:hi].cpu(),
             grads=buffer.cpu(),
@@ -423,15 +435,15 @@ class FactorizedGradient(GradientExtractor):
         seed: projection seed; matrices are regenerated from (seed, module name, side).
         target_modules: peft-style selection of linear layers (None: every nn.Linear and
             transformers Conv1D, the output head included; "all-linear" leaves the head out).
-        batch_size: sequences per forward/backward (many groups share one pass).
+        batch_size: most sequences per forward/backward; whole groups are packed together (a
+            group larger than this is split).
         group_chunk: groups per yielded chunk; None keeps a chunk under 1 GiB.
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
         share_prompts: run the prompt of a group's rollouts once per micro-batch and reuse its
             key/value cache for every rollout (the same numbers up to float rounding). A group of k
             rollouts then costs one prompt plus k responses instead of k prompts plus k responses:
             the larger the prompt next to the responses, the larger the saving. Needs a
-            transformers model whose decoder returns a key/value cache; keep ``batch_size`` a
-            multiple of the group size so that groups are not split across micro-batches.
+            transformers model whose decoder returns a key/value cache.
 
     The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode), also after an
     exception. With tied embeddings the head's segment holds only the output-head use of the

@@ -23,12 +23,12 @@ from gradalign._modules import TargetModules, target_parameters
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
     GradientExtractor,
+    GroupCounter,
     GroupGradients,
     Segment,
     extraction_mode,
     group_rows,
     model_device,
-    progress_bar,
 )
 from gradalign.objective import GRPOObjective
 from gradalign.projection import KINDS, project
@@ -45,13 +45,13 @@ def _group_gradient(
     objective: GRPOObjective,
     rows: torch.Tensor,
     params: list[nn.Parameter],
+    out: list[torch.Tensor],
     *,
     batch_size: int,
     max_logits_elements: int,
     share_prompts: bool,
-) -> list[torch.Tensor]:
-    """float32 gradients of one group's loss w.r.t. ``params``, micro-batch by micro-batch."""
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+) -> None:
+    """Add one group's float32 loss gradient w.r.t. ``params`` into ``out`` (zeroed views)."""
     device = model_device(model)
     needs_logprobs = objective.needs_logprobs(rollouts)
     for mb in rows.split(batch_size):
@@ -60,25 +60,26 @@ def _group_gradient(
             weights = objective.token_weights(rollouts, rows=mb, width=width)  # (S', W)
             if not bool(weights.any()):
                 continue  # zero-spread rows contribute exactly nothing
-        logp = response_logprobs(
-            model,
-            rollouts.input_ids[mb, :width].to(device),
-            rollouts.attention_mask[mb, :width].to(device),
-            rollouts.response_mask[mb, :width].to(device),
-            max_logits_elements=max_logits_elements,
-            # One group: every row of the micro-batch may share its prompt with the others.
-            share_keys=torch.zeros(len(mb), dtype=torch.long) if share_prompts else None,
-        )  # (S', W)
-        if needs_logprobs:
-            weights = objective.token_weights(
-                rollouts, logp.detach().to(rollouts.device), rows=mb, width=width
-            )
-        loss = -(weights.to(logp.device) * logp).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for a, g in zip(acc, grads, strict=True):
+        # Extraction differentiates even when the caller runs under torch.no_grad().
+        with torch.enable_grad():
+            logp = response_logprobs(
+                model,
+                rollouts.input_ids[mb, :width].to(device),
+                rollouts.attention_mask[mb, :width].to(device),
+                rollouts.response_mask[mb, :width].to(device),
+                max_logits_elements=max_logits_elements,
+                # One group: every row of the micro-batch may share its prompt with the others.
+                share_keys=torch.zeros(len(mb), dtype=torch.long) if share_prompts else None,
+            )  # (S', W)
+            if needs_logprobs:
+                weights = objective.token_weights(
+                    rollouts, logp.detach().to(rollouts.device), rows=mb, width=width
+                )
+            loss = -(weights.to(logp.device) * logp).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for a, g in zip(out, grads, strict=True):
             if g is not None:
                 a.add_(g.float())
-    return acc
 
 
 @dataclass
@@ -127,28 +128,34 @@ class FullGradient(GradientExtractor):
                 f"{name}: max_logits_elements must be >= 1, got {self.max_logits_elements}"
             )
 
-    def _output_dim(self, named: list[tuple[str, nn.Parameter]]) -> int:
-        return sum(p.numel() for _, p in named)
+    #: whether a row is the projection of the gradient rather than the gradient itself
+    _projected = False
 
-    def _reduce(
-        self, named: list[tuple[str, nn.Parameter]], grads: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[Segment, ...]]:
-        """Per-parameter (Gc, n_i) gradients -> (Gc, D) rows and their segments."""
+    def _segments(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Segment, ...]:
         segments, start = [], 0
         for name, p in named:
             segments.append(Segment(name, start, start + p.numel()))
             start += p.numel()
-        return torch.cat([g.flatten(1) for g in grads], dim=1), tuple(segments)
+        return tuple(segments)
 
-    def _precondition(
-        self, named: list[tuple[str, nn.Parameter]], grads: list[torch.Tensor]
-    ) -> None:
+    def _row_dim(self, named: list[tuple[str, nn.Parameter]]) -> int:
+        """D of a yielded row."""
+        return sum(p.numel() for _, p in named)
+
+    def _precondition(self, segments: tuple[Segment, ...], flat: torch.Tensor) -> None:
+        """Scale one group's flat gradient in place, parameter by parameter."""
         if self.preconditioner is None:
             return
-        for (name, _), g in zip(named, grads, strict=True):
-            scale = self.preconditioner.get(name)
+        for seg in segments:
+            scale = self.preconditioner.get(seg.name)
             if scale is not None:
-                g.mul_(scale.to(device=g.device, dtype=g.dtype))  # (Gc, *shape) * (*shape)
+                flat[seg.start : seg.stop].mul_(scale.to(flat.device, flat.dtype).flatten())
+
+    def _project_into(
+        self, segments: tuple[Segment, ...], flat: torch.Tensor, row: torch.Tensor
+    ) -> None:
+        """Write the row of a projected extractor from one group's full gradient ``flat``."""
+        raise NotImplementedError
 
     def iter_groups(
         self,
@@ -162,44 +169,67 @@ class FullGradient(GradientExtractor):
         self._check_inputs(call, model, rollouts)
         objective = GRPOObjective() if objective is None else objective
         named = target_parameters(model, self.target_modules, call=call)
+        return self._chunks(model, rollouts, objective, named, progress)
+
+    def _chunks(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        objective: GRPOObjective,
+        named: list[tuple[str, nn.Parameter]],
+        progress: bool,
+    ) -> Iterator[GroupGradients]:
+        """Chunks of rows, each written into a preallocated (Gc, D) buffer.
+
+        The model is put in extraction mode for each chunk and restored before the chunk is
+        yielded, so a paused or abandoned stream never leaves the model in eval mode.
+        """
         params = [p for _, p in named]
-        chunk = self.group_chunk or max(1, _CHUNK_BYTES // (4 * max(1, self._output_dim(named))))
+        segments, dim = self._segments(named), self._row_dim(named)
+        chunk = self.group_chunk or max(1, _CHUNK_BYTES // (4 * max(1, dim)))
         zero_spread = objective.zero_spread(rollouts).cpu()
-        tokens = rollouts.group_token_counts().cpu()
-        sizes = rollouts.group_sizes().cpu()
+        tokens, sizes = rollouts.group_token_counts().cpu(), rollouts.group_sizes().cpu()
         all_rows = group_rows(rollouts)
-        bar = progress_bar(
-            range(len(all_rows)), enabled=progress, total=len(all_rows), desc=type(self).__name__
-        )
-        pending: list[list[torch.Tensor]] = []
-        with extraction_mode(model, params):
-            for g in bar:
-                pending.append(
-                    _group_gradient(
-                        model,
-                        rollouts,
-                        objective,
-                        all_rows[g],
-                        params,
-                        batch_size=self.batch_size,
-                        max_logits_elements=self.max_logits_elements,
-                        share_prompts=self.share_prompts,
-                    )
+        counter = GroupCounter(enabled=progress, total=len(all_rows), desc=type(self).__name__)
+        device = model_device(model)
+        # A projected row needs one group's full gradient as scratch; an exact row is that itself.
+        scratch = torch.zeros(segments[-1].stop, device=device) if self._projected else None
+        try:
+            for lo in range(0, len(all_rows), chunk):
+                hi = min(len(all_rows), lo + chunk)
+                buffer = torch.zeros(hi - lo, dim, dtype=torch.float32, device=device)  # (Gc, D)
+                with extraction_mode(model, params):
+                    for g in range(lo, hi):
+                        flat = buffer[g - lo] if scratch is None else scratch.zero_()
+                        views = [
+                            flat[s.start : s.stop].view(p.shape)
+                            for s, p in zip(segments, params, strict=True)
+                        ]
+                        _group_gradient(
+                            model,
+                            rollouts,
+                            objective,
+                            all_rows[g],
+                            params,
+                            views,
+                            batch_size=self.batch_size,
+                            max_logits_elements=self.max_logits_elements,
+                            share_prompts=self.share_prompts,
+                        )
+                        self._precondition(segments, flat)
+                        if scratch is not None:
+                            self._project_into(segments, flat, buffer[g - lo])
+                        counter.update(1)
+                yield GroupGradients(
+                    group_ids=rollouts.unique_groups[lo:hi].cpu(),
+                    grads=buffer.cpu(),
+                    num_sequences=sizes[lo:hi],
+                    num_tokens=tokens[lo:hi],
+                    zero_spread=zero_spread[lo:hi],
+                    segments=() if self._projected else segments,
                 )
-                if len(pending) == chunk or g == len(all_rows) - 1:
-                    lo = g + 1 - len(pending)
-                    stacked = [torch.stack(per_param) for per_param in zip(*pending, strict=True)]
-                    pending = []
-                    self._precondition(named, stacked)
-                    grads, segments = self._reduce(named, stacked)
-                    yield GroupGradients(
-                        group_ids=rollouts.unique_groups[lo : g + 1].cpu(),
-                        grads=grads.cpu(),
-                        num_sequences=sizes[lo : g + 1],
-                        num_tokens=tokens[lo : g + 1],
-                        zero_spread=zero_spread[lo : g + 1],
-                        segments=segments,
-                    )
+        finally:
+            counter.close()
 
 
 @dataclass(init=False)
@@ -261,12 +291,18 @@ class RandomProjectedGradient(FullGradient):
         if not isinstance(self.seed, int):
             raise GradAlignError(f"{name}: seed must be an int, got {self.seed!r}")
 
-    def _reduce(
-        self, named: list[tuple[str, nn.Parameter]], grads: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[Segment, ...]]:
-        out = None
-        for (name, _), g in zip(named, grads, strict=True):
-            part = project(g.flatten(1), kind=self.kind, dim=self.dim, seed=self.seed, name=name)
-            out = part if out is None else out + part  # (Gc, K)
-        assert out is not None  # target_parameters never returns an empty list
-        return out, ()
+    _projected = True
+
+    def _row_dim(self, named: list[tuple[str, nn.Parameter]]) -> int:
+        return self.dim
+
+    def _project_into(
+        self, segments: tuple[Segment, ...], flat: torch.Tensor, row: torch.Tensor
+    ) -> None:
+        """Project one group's full gradient as soon as it exists, parameter by parameter.
+
+        Only the (G, K) rows and one group's full gradient are ever held, however large the pool.
+        """
+        for seg in segments:
+            part = flat[seg.start : seg.stop][None]  # (1, n_i)
+            row += project(part, kind=self.kind, dim=self.dim, seed=self.seed, name=seg.name)[0]
