@@ -1,17 +1,23 @@
-"""On-disk store of group gradients: pools larger than memory, resumable after an interruption.
+"""On-disk store of group gradients: pools larger than memory, resumable, safe to share.
 
 Implementations: :class:`GradientStore`. A store is a directory holding
 
-- ``grads.bin``: a raw row-major (rows, D) array (float32 or float16), read and written through a
-  ``numpy.memmap``;
-- ``index.json``: the committed rows (group id, sequences, tokens, zero-spread flag of each row),
-  the gradient dimension, dtype and segments, and a fingerprint of the extractor and objective.
+- ``grads.bin``: a raw row-major (rows, D) array (float32 or float16);
+- ``index.json``: the committed rows (group id, sequences, tokens, zero-spread flag, a CRC-32 of
+  the row's bytes and a digest of the group's rollouts), D, dtype, segments, and fingerprints of
+  the extractor and objective settings (tensors by value) and of the model's weights;
+- ``writer.lock``: held (``flock``) by the one process that may write.
 
-:meth:`GradientStore.extract` streams the pool through ``extractor.iter_groups`` in chunks of
-``chunk_groups`` groups, writes each chunk's rows, flushes them, then replaces the index atomically
-(temporary file + ``os.replace``). Rows past the index are leftovers of an interrupted chunk and are
-overwritten; a rerun skips every committed group. Peak memory is one chunk's (chunk_groups, D) rows
-plus what the extractor itself holds, never G x D.
+:meth:`GradientStore.extract` takes the lock, streams the pool through ``extractor.iter_groups``
+in chunks of ``chunk_groups`` groups, writes each chunk's rows, flushes them to disk, then replaces
+the index atomically (temporary file + ``os.replace``). Rows past the index are leftovers of an
+interrupted chunk and are overwritten; a rerun skips every committed group. Chunks hold whole packs
+of the extractor (``group_packs``: the groups that share its passes), so the stored numbers do not
+depend on ``chunk_groups`` or on interruptions.
+
+Nothing damaged is ever returned: opening a store checks the data file against the index (a file
+shorter than the committed rows is refused), :meth:`load` checks every row's CRC, and
+:meth:`GradientStore.repair` drops the rows that fail so the next extract computes them again.
 
 Shape glossary: G groups, D gradient dimension.
 """
@@ -19,36 +25,34 @@ Shape glossary: G groups, D gradient dimension.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from gradalign._fingerprint import group_digests, model_digest, settings_digest
+from gradalign._store_io import (
+    COLUMNS,
+    DATA,
+    DTYPES,
+    damaged,
+    dtype_name,
+    read_index,
+    repair_store,
+    write_index,
+    writer_lock,
+)
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment
 from gradalign.objective import GRPOObjective
 from gradalign.rollouts import Rollouts
 
 __all__ = ["GradientStore"]
-
-_FORMAT = 1
-_DTYPES: dict[str, np.dtype[Any]] = {
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-}
-_DATA, _INDEX = "grads.bin", "index.json"
-
-
-def _dtype_name(call: str, dtype: Any) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise GradAlignError(f"{call}: dtype must be float32 or float16, got {dtype!r}")
-    return name
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -78,9 +82,7 @@ class _Pinned(GRPOObjective):
 def _pin(objective: GRPOObjective, full: Rollouts, ids: torch.Tensor) -> tuple[Rollouts, _Pinned]:
     """The rollouts of groups ``ids`` and the objective that weighs them as in ``full``."""
     subset = full.select_groups(ids)
-    rows = (
-        torch.isin(full.group_ids, ids.to(full.device)).nonzero().flatten()
-    )  # select_groups order
+    rows = torch.isin(full.group_ids, ids.to(full.device)).nonzero().flatten()  # subset order
     width = subset.input_ids.shape[1]
     settings = {f.name: getattr(objective, f.name) for f in dataclasses.fields(GRPOObjective)}
     pinned = _Pinned(
@@ -93,15 +95,19 @@ def _pin(objective: GRPOObjective, full: Rollouts, ids: torch.Tensor) -> tuple[R
 
 
 class GradientStore:
-    """Group gradients on disk, written chunk by chunk and resumable.
+    """Group gradients on disk, written chunk by chunk, resumable, checked on every read.
 
     Args:
         path: the store's directory (created if missing).
         dim: D; None takes it from the existing index or from the first extracted chunk.
         dtype: storage dtype, torch.float32 (default) or torch.float16 (loaded back as float32).
 
+    Raises:
+        GradAlignError: If the index is unreadable, the settings disagree with the stored ones,
+            or the data file holds fewer rows than the index commits.
+
     Example:
-        >>> store = GradientStore("pool_grads", dim=None)  # doctest: +SKIP
+        >>> store = GradientStore("pool_grads")  # doctest: +SKIP
         >>> store.extract(FactorizedGradient(), model, pool_rollouts, chunk_groups=64)  # doctest: +SKIP
         >>> grads = store.load()  # (G, D) GroupGradients  # doctest: +SKIP
     """
@@ -110,49 +116,52 @@ class GradientStore:
         self, path: str | os.PathLike[str], dim: int | None = None, dtype: Any = torch.float32
     ) -> None:
         call = "GradientStore"
-        if dim is not None and (not isinstance(dim, int) or dim < 1):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise GradAlignError(f"{call}: dim must be an int >= 1 or None, got {dim!r}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._index = self._read_index()
-        stored = self._index.get("dtype")
-        self.dtype = _dtype_name(call, dtype)
+        self.dtype = dtype_name(call, dtype)
+        self._requested_dim = dim
+        self._reload()
+
+    def _reload(self) -> None:
+        """Read the index from disk and check it against the settings and the data file."""
+        call, index = "GradientStore", read_index(self.path)
+        stored = index.get("dtype")
         if stored is not None and stored != self.dtype:
             raise GradAlignError(
-                f"{call}: the store at {self.path} holds {stored}, got dtype={dtype!r}"
+                f"{call}: the store at {self.path} holds {stored}, got dtype={self.dtype!r}"
             )
-        stored_dim = self._index.get("dim")
+        stored_dim, dim = index.get("dim"), self._requested_dim
         if stored_dim is not None and dim is not None and stored_dim != dim:
             raise GradAlignError(
                 f"{call}: the store at {self.path} holds D={stored_dim}, got dim={dim}"
             )
+        self._index = index
         self.dim: int | None = stored_dim if stored_dim is not None else dim
         self._cache: dict[str, torch.Tensor] | None = None
+        self._check_size()
 
-    def _read_index(self) -> dict[str, Any]:
-        file = self.path / _INDEX
-        if not file.exists():
-            return {
-                "format": _FORMAT,
-                "group_ids": [],
-                "num_sequences": [],
-                "num_tokens": [],
-                "zero_spread": [],
-            }
-        index: dict[str, Any] = json.loads(file.read_text())
-        if index.get("format") != _FORMAT:
-            raise GradAlignError(
-                f"GradientStore: {file} has format {index.get('format')!r}, expected {_FORMAT}"
+    def _row_bytes(self) -> int:
+        assert self.dim is not None
+        return self.dim * DTYPES[self.dtype].itemsize
+
+    def _check_size(self) -> None:
+        rows = len(self)
+        if rows == 0:
+            return
+        file = self.path / DATA
+        have = file.stat().st_size if file.exists() else 0
+        need = rows * self._row_bytes()
+        if have < need:
+            what = "is missing" if not file.exists() else f"holds {have} bytes"
+            raise damaged(
+                self.path, f"{DATA} {what} but the index commits {rows} rows ({need} bytes)"
             )
-        return index
 
     def _write_index(self) -> None:
-        tmp = self.path / (_INDEX + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(self._index, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path / _INDEX)
+        write_index(self.path, self._index)
+        self._cache = None
 
     def __len__(self) -> int:
         return len(self._index["group_ids"])
@@ -162,43 +171,66 @@ class GradientStore:
         """(G,) ids of the committed groups, ascending."""
         return torch.tensor(sorted(self._index["group_ids"]), dtype=torch.long)
 
-    def _memmap(self, rows: int, dim: int, mode: Literal["r", "r+"]) -> np.memmap[Any, Any]:
-        """The data file as a (rows, D) memmap, grown to hold ``rows`` rows when writing."""
-        file, np_dtype = self.path / _DATA, _DTYPES[self.dtype]
-        need = rows * dim * np_dtype.itemsize
-        if mode == "r+":
-            with open(file, "ab") as fh:
-                if fh.tell() < need:
-                    fh.truncate(need)
-        elif not file.exists() or file.stat().st_size < need:
-            raise GradAlignError(
-                f"GradientStore: {file} is shorter than its index says ({rows} rows)"
-            )
-        return np.memmap(file, dtype=np_dtype, mode=mode, shape=(rows, dim))
-
     def _check_part(self, part: GroupGradients) -> int:
-        """D of the store, fixed by the first chunk ever written."""
+        """D of the store (fixed by the first chunk ever written); refuses non-finite rows."""
+        call = "GradientStore.extract"
         if self.dim is None:
             self.dim = part.dim
         if part.dim != self.dim:
             raise GradAlignError(
-                f"GradientStore.extract: the store holds D={self.dim} but the extractor gave "
-                f"D={part.dim}"
+                f"{call}: the store holds D={self.dim} but the extractor gave D={part.dim}"
             )
+        bad = ~torch.isfinite(part.grads).all(dim=1)
+        if bad.any():
+            raise GradAlignError(
+                f"{call}: the gradients of groups {part.group_ids[bad][:10].tolist()} are not "
+                "finite (NaN or inf); nothing of this chunk was stored"
+            )
+        if self.dtype == "float16":
+            big = part.grads.abs().amax(dim=1) > float(torch.finfo(torch.float16).max)
+            if big.any():
+                raise GradAlignError(
+                    f"{call}: the gradients of groups {part.group_ids[big][:10].tolist()} exceed "
+                    "the float16 range (65504) and would be stored as inf; use a float32 store"
+                )
         segments = [[s.name, s.start, s.stop] for s in part.segments]
         self._index.setdefault("segments", segments)
         self._index.update(dim=self.dim, dtype=self.dtype)
         return self.dim
 
-    def _check_fingerprint(self, extractor: GradientExtractor, objective: GRPOObjective) -> None:
-        fingerprint = f"{extractor!r} | {objective!r}"
+    def _check_fingerprint(
+        self, extractor: GradientExtractor, objective: GRPOObjective, model: nn.Module
+    ) -> None:
+        call = "GradientStore.extract"
+        fingerprint = {
+            "settings": settings_digest(extractor, objective),
+            "model": model_digest(model),
+            "describe": f"{extractor!r} | {objective!r}",
+        }
         stored = self._index.get("fingerprint")
-        if stored is not None and stored != fingerprint:
+        if stored is not None and stored.get("settings") != fingerprint["settings"]:
             raise GradAlignError(
-                f"GradientStore.extract: the store at {self.path} holds gradients of {stored}, "
-                f"got {fingerprint}; use a new path for other settings"
+                f"{call}: the store at {self.path} holds gradients of {stored.get('describe')}, "
+                f"got {fingerprint['describe']}; use a new path for other settings"
+            )
+        if stored is not None and stored.get("model") != fingerprint["model"]:
+            raise GradAlignError(
+                f"{call}: the store at {self.path} was written with other model weights "
+                f"(fingerprint {stored.get('model')}, got {fingerprint['model']}); use a new path "
+                "for another model or checkpoint"
             )
         self._index["fingerprint"] = fingerprint
+
+    def _check_content(self, digests: dict[int, str]) -> None:
+        """Committed groups that reappear must have the same rollouts (tokens, rewards, ...)."""
+        stored = dict(zip(self._index["group_ids"], self._index["content"], strict=True))
+        changed = [g for g, d in digests.items() if g in stored and stored[g] != d]
+        if changed:
+            raise GradAlignError(
+                f"GradientStore.extract: groups {sorted(changed)[:10]} are stored from other "
+                f"rollouts (tokens, masks, rewards or log-probs differ) at {self.path}; use a new "
+                "path for new rollouts"
+            )
 
     def extract(
         self,
@@ -214,54 +246,94 @@ class GradientStore:
 
         Args:
             extractor: any :class:`GradientExtractor`.
-            model: the model, as for ``extractor.per_group``.
+            model: the model, as for ``extractor.per_group``; its weights must be those the store
+                was written with.
             rollouts: the pool's rollouts (resuming: the same rollouts as the interrupted run).
             objective: the GRPO loss; default ``GRPOObjective()``.
-            chunk_groups: groups per committed chunk (an interruption loses at most one chunk).
+            chunk_groups: groups per committed chunk, rounded up to whole packs of the
+                extractor (an interruption loses at most one chunk); it never changes the stored
+                numbers.
             progress: show the extractor's progress bar.
 
         Returns:
             The number of groups extracted by this call (0 when all were stored already).
+
+        Raises:
+            GradAlignError: If another process is writing the store, the settings, model or a
+                stored group's rollouts differ from the store's, or the store is damaged.
         """
         call = "GradientStore.extract"
-        if not isinstance(chunk_groups, int) or chunk_groups < 1:
+        if isinstance(chunk_groups, bool) or not isinstance(chunk_groups, int) or chunk_groups < 1:
             raise GradAlignError(f"{call}: chunk_groups must be an int >= 1, got {chunk_groups!r}")
         if not isinstance(rollouts, Rollouts):
             raise GradAlignError(
                 f"{call}: rollouts must be a gradalign.Rollouts, got {type(rollouts).__name__}"
             )
         objective = GRPOObjective() if objective is None else objective
-        self._check_fingerprint(extractor, objective)
-        done = torch.tensor(self._index["group_ids"], dtype=torch.long)
-        todo = rollouts.unique_groups.cpu()
-        todo = todo[~torch.isin(todo, done)]  # (G_todo,) ascending
-        for ids in todo.split(chunk_groups) if todo.numel() else ():
-            sub, pinned = _pin(objective, rollouts, ids)
-            self._commit(extractor.iter_groups(model, sub, pinned, progress=progress))
-        return int(todo.numel())
+        with writer_lock(self.path, call):
+            self._reload()  # another writer may have committed since this object was opened
+            self._check_fingerprint(extractor, objective, model)
+            digests = group_digests(rollouts)
+            self._check_content(digests)
+            chunks = self._todo(extractor, rollouts, objective, chunk_groups)
+            for ids in chunks:
+                sub, pinned = _pin(objective, rollouts, ids)
+                parts = extractor.iter_groups(model, sub, pinned, progress=progress)
+                self._commit(parts, digests)
+        return sum(len(c) for c in chunks)
 
-    def _commit(self, parts: Iterator[GroupGradients]) -> None:
-        """Write a chunk's rows after the committed ones, flush them, then update the index."""
-        index, start = self._index, len(self)
-        new: dict[str, list[Any]] = {
-            k: [] for k in ("group_ids", "num_sequences", "num_tokens", "zero_spread")
-        }
-        stop = start
-        for part in parts:
-            dim = self._check_part(part)
-            data = self._memmap(stop + len(part), dim, "r+")
-            data[stop : stop + len(part)] = part.grads.float().numpy().astype(data.dtype)
-            data.flush()
-            del data
-            stop += len(part)
-            new["group_ids"] += part.group_ids.tolist()
-            new["num_sequences"] += part.num_sequences.tolist()
-            new["num_tokens"] += part.num_tokens.tolist()
-            new["zero_spread"] += part.zero_spread.tolist()
+    def _todo(
+        self,
+        extractor: GradientExtractor,
+        rollouts: Rollouts,
+        objective: GRPOObjective,
+        chunk_groups: int,
+    ) -> list[torch.Tensor]:
+        """The groups not stored yet, in chunks of whole extractor packs (>= chunk_groups groups).
+
+        Chunks never cut a pack, so every group runs with the same companions whatever
+        ``chunk_groups`` is and however often the extraction was interrupted: the stored rows are
+        bit-identical to one uninterrupted pass.
+        """
+        done = torch.tensor(self._index["group_ids"], dtype=torch.long)
+        unique = rollouts.unique_groups.cpu()
+        chunks, current, size, start = [], [], 0, 0
+        for n in extractor.group_packs(rollouts, objective):
+            ids = unique[start : start + n]
+            start += n
+            ids = ids[~torch.isin(ids, done)]
+            if ids.numel():
+                current.append(ids)
+                size += int(ids.numel())
+            if size >= chunk_groups:
+                chunks.append(torch.cat(current))
+                current, size = [], 0
+        if current:
+            chunks.append(torch.cat(current))
+        return chunks
+
+    def _commit(self, parts: Iterator[GroupGradients], digests: dict[int, str]) -> None:
+        """Write a chunk's rows after the committed ones, sync them, then update the index."""
+        new: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+        stop, file = len(self), self.path / DATA
+        with open(file, "r+b" if file.exists() else "w+b") as fh:
+            for part in parts:
+                self._check_part(part)
+                rows = part.grads.float().numpy().astype(DTYPES[self.dtype])  # (Gc, D)
+                fh.seek(stop * self._row_bytes())
+                fh.write(rows.tobytes())
+                stop += len(part)
+                new["group_ids"] += part.group_ids.tolist()
+                new["num_sequences"] += part.num_sequences.tolist()
+                new["num_tokens"] += part.num_tokens.tolist()
+                new["zero_spread"] += part.zero_spread.tolist()
+                new["crc32"] += [zlib.crc32(r.tobytes()) for r in rows]
+                new["content"] += [digests[int(g)] for g in part.group_ids]
+            fh.flush()
+            os.fsync(fh.fileno())
         for key, values in new.items():
-            index[key] = index[key] + values
+            self._index[key] = self._index[key] + values
         self._write_index()
-        self._cache = None
 
     def _columns(self) -> dict[str, torch.Tensor]:
         """The index as tensors in row order, plus ``order`` (rows sorted by group id); cached."""
@@ -284,6 +356,8 @@ class GradientStore:
         stored = cols["group_ids"][order]  # (G_all,) ascending
         if ids is None:
             return stored, order
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise GradAlignError(f"GradientStore.load: ids must be integers, got {ids.dtype}")
         ids = ids.to(torch.long).flatten().unique()
         pos = torch.searchsorted(stored, ids).clamp(max=len(stored) - 1)
         found = stored[pos] == ids
@@ -293,16 +367,37 @@ class GradientStore:
             )
         return ids, order[pos]
 
+    def _read_rows(self, rows: torch.Tensor) -> np.ndarray:
+        """(G, D) stored rows, each checked against its CRC-32."""
+        assert self.dim is not None
+        self._check_size()
+        data = np.memmap(self.path / DATA, dtype=DTYPES[self.dtype], mode="r")
+        table = data[: len(self) * self.dim].reshape(len(self), self.dim)
+        out = np.array(table[rows.numpy()])  # (G, D)
+        del data, table
+        crcs = self._index["crc32"]
+        bad = [
+            int(r)
+            for r, row in zip(rows.tolist(), out, strict=True)
+            if zlib.crc32(row.tobytes()) != crcs[r]
+        ]
+        if bad:
+            ids = [self._index["group_ids"][r] for r in bad]
+            raise damaged(self.path, f"the rows of groups {ids[:10]} fail their checksum")
+        return out
+
     def load(self, ids: torch.Tensor | list[int] | None = None) -> GroupGradients:
-        """The stored gradients (all, or of group ``ids``) as float32, sorted by group id."""
+        """The stored gradients (all, or of group ``ids``) as float32, sorted by group id.
+
+        Raises:
+            GradAlignError: If a group is not stored, or a row fails its checksum.
+        """
         if len(self) == 0 or self.dim is None:
             raise GradAlignError(
                 f"GradientStore.load: the store at {self.path} holds no groups yet"
             )
         group_ids, rows = self._rows_of(None if ids is None else torch.as_tensor(ids))
-        data = self._memmap(len(self), self.dim, "r")
-        grads = torch.from_numpy(np.asarray(data[rows.numpy()], dtype=np.float32))  # (G, D)
-        del data
+        grads = torch.from_numpy(self._read_rows(rows).astype(np.float32))  # (G, D)
         cols = self._columns()
         return GroupGradients(
             group_ids=group_ids,
@@ -315,9 +410,20 @@ class GradientStore:
 
     def iter_chunks(self, chunk_groups: int = 1024) -> Iterator[GroupGradients]:
         """Stream the stored gradients in ascending group id, ``chunk_groups`` groups at a time."""
-        if not isinstance(chunk_groups, int) or chunk_groups < 1:
+        if isinstance(chunk_groups, bool) or not isinstance(chunk_groups, int) or chunk_groups < 1:
             raise GradAlignError(
                 f"GradientStore.iter_chunks: chunk_groups must be an int >= 1, got {chunk_groups!r}"
             )
         for ids in self.group_ids.split(chunk_groups):
             yield self.load(ids)
+
+    @staticmethod
+    def repair(path: str | os.PathLike[str]) -> list[int]:
+        """Drop the rows a damaged store cannot vouch for; returns their group ids.
+
+        Rows beyond the end of the data file and rows that fail their checksum are removed from
+        the index and the good rows are rewritten contiguously; the next :meth:`extract` computes
+        the dropped groups again (without the pack-mates they first ran with, so they may differ
+        from the lost rows in the last float bits). Takes the writer lock.
+        """
+        return repair_store(Path(path))

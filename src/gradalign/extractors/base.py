@@ -11,6 +11,7 @@ Shape glossary: S sequences, T tokens, G groups, D gradient dimension.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -167,6 +168,21 @@ def pack_groups(local: torch.Tensor, batch_size: int) -> list[slice]:
     return out
 
 
+def packs_of_rows(local: torch.Tensor, batch_size: int, num_groups: int) -> list[int]:
+    """Group counts of the packs that :func:`pack_groups` forms over rows of groups ``local``.
+
+    Groups without rows join the next pack (the last one, at the end); a group split over several
+    micro-batches is one pack.
+    """
+    starts = {0}
+    for mb in pack_groups(local, batch_size):
+        first = int(local[mb.start])
+        if mb.start == 0 or int(local[mb.start - 1]) != first:
+            starts.add(first)
+    bounds = [*sorted(starts), num_groups]
+    return [b - a for a, b in itertools.pairwise(bounds) if b > a]
+
+
 def progress_bar(iterable: Iterable[Any], *, enabled: bool, total: int, desc: str) -> Iterable[Any]:
     if not enabled:
         return iterable
@@ -223,6 +239,16 @@ class GradientExtractor(ABC):
         return GroupGradients.concat(
             self.iter_groups(model, rollouts, objective, progress=progress)
         )
+
+    def group_packs(self, rollouts: Rollouts, objective: GRPOObjective | None = None) -> list[int]:
+        """How many consecutive groups (ascending ids) share each pass of this extractor.
+
+        A group's result depends only on the groups of its pack, so extracting any union of whole
+        packs gives bit-identical rows (:class:`~gradalign.store.GradientStore` chunks by packs).
+        The default: every group alone.
+        """
+        del objective
+        return [1] * rollouts.num_groups
 
     @abstractmethod
     def iter_groups(

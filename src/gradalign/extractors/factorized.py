@@ -47,12 +47,13 @@ from gradalign.extractors.base import (
     group_rows,
     model_device,
     pack_groups,
+    packs_of_rows,
 )
 from gradalign.objective import GRPOObjective
 from gradalign.projection import KINDS, projection_block
 from gradalign.rollouts import Rollouts, micro_batch_width
 
-__all__ = ["FactorizedGradient", "check_settings", "factorized_chunks"]
+__all__ = ["FactorizedGradient", "check_settings", "factorized_chunks", "factorized_packs"]
 
 _CHUNK_BYTES = 2**30  # float32 bytes of group gradients held before a chunk is yielded
 
@@ -314,6 +315,26 @@ def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torc
         loss.backward()
 
 
+def _active_rows(
+    rollouts: Rollouts, objective: GRPOObjective
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(S, T) token weights (None when they need log-probs) and (S,) rows that run at all.
+
+    Rows with all-zero weights (zero-spread groups) add nothing: their forward is skipped.
+    """
+    weights = None if objective.needs_logprobs(rollouts) else objective.token_weights(rollouts)
+    active = torch.ones(len(rollouts), dtype=torch.bool) if weights is None else weights.any(1)
+    return weights, active
+
+
+def factorized_packs(rollouts: Rollouts, objective: GRPOObjective, batch_size: int) -> list[int]:
+    """The group packs :func:`factorized_chunks` runs together (see ``group_packs``)."""
+    _, active = _active_rows(rollouts, objective)
+    rows = torch.cat(group_rows(rollouts))
+    rows = rows[active[rows].to(rows.device)]
+    return packs_of_rows(rollouts.group_index[rows].cpu(), batch_size, rollouts.num_groups)
+
+
 def factorized_chunks(
     model: nn.Module,
     named: list[tuple[str, nn.Module]],
@@ -356,9 +377,7 @@ def factorized_chunks(
     split = _split_model(model)
     head = {id(m) for m in split[1].modules()} if split is not None else set()
     chunk = group_chunk or max(1, _CHUNK_BYTES // (4 * dim))
-    # Rows with all-zero weights (zero-spread groups) add nothing: skip their forward entirely.
-    weights = None if objective.needs_logprobs(rollouts) else objective.token_weights(rollouts)
-    active = torch.ones(len(rollouts), dtype=torch.bool) if weights is None else weights.any(1)
+    weights, active = _active_rows(rollouts, objective)
     job = _Job(model, rollouts, objective, weights, max_logits_elements, share_prompts, call)
     zero_spread = objective.zero_spread(rollouts).cpu()
     tokens = rollouts.group_token_counts().cpu()
@@ -474,6 +493,9 @@ class FactorizedGradient(GradientExtractor):
                 raise GradAlignError(f"{name}: {what} must be an int >= 1 or None, got {value!r}")
         check_settings(self)
         self.exact = self.dim_in is None and self.dim_out is None
+
+    def group_packs(self, rollouts: Rollouts, objective: GRPOObjective | None = None) -> list[int]:
+        return factorized_packs(rollouts, objective or GRPOObjective(), self.batch_size)
 
     def iter_groups(
         self,

@@ -20,7 +20,7 @@ from torch import nn
 from gradalign._forward import DEFAULT_LOGITS_ELEMENTS
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor, GroupGradients
-from gradalign.extractors.factorized import check_settings, factorized_chunks
+from gradalign.extractors.factorized import check_settings, factorized_chunks, factorized_packs
 from gradalign.objective import GRPOObjective
 from gradalign.projection import project
 from gradalign.rollouts import Rollouts
@@ -140,6 +140,9 @@ class LoRAGradient(GradientExtractor):
             raise GradAlignError(f"{name}: dim must be an int >= 1 or None, got {self.dim!r}")
         check_settings(self)
         self.exact = self.dim is None
+
+    def group_packs(self, rollouts: Rollouts, objective: GRPOObjective | None = None) -> list[int]:
+        return factorized_packs(rollouts, objective or GRPOObjective(), self.batch_size)
 
     def iter_groups(
         self,
