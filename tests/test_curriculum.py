@@ -218,10 +218,13 @@ def test_resume_between_next_chunk_and_record() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"pool_size": 0, "chunk_size": 1}, r"Curriculum: pool_size must be >= 1, got 0"),
-        ({"pool_size": 4, "chunk_size": 0}, r"Curriculum: chunk_size must be >= 1, got 0"),
-        ({"pool_size": 4.0, "chunk_size": 2}, r"Curriculum: pool_size must be an int, got 4.0"),
-        ({"pool_size": 4, "chunk_size": True}, r"chunk_size must be an int, got True"),
+        ({"pool_size": 0, "chunk_size": 1}, r"Curriculum: pool_size must be an int >= 1, got 0"),
+        ({"pool_size": 4, "chunk_size": 0}, r"Curriculum: chunk_size must be an int >= 1, got 0"),
+        (
+            {"pool_size": 4.0, "chunk_size": 2},
+            r"Curriculum: pool_size must be an int >= 1, got 4.0",
+        ),
+        ({"pool_size": 4, "chunk_size": True}, r"chunk_size must be an int >= 1, got True"),
         ({"pool_size": 4, "chunk_size": 2, "seed": "0"}, r"seed must be an int, got '0'"),
     ],
 )
@@ -395,11 +398,11 @@ def test_sampler_in_a_dataloader_yields_whole_groups() -> None:
 def test_sampler_errors() -> None:
     cur = Curriculum(pool_size=5, chunk_size=2)
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"num_generations": 0}, r"SelectionSampler: num_generations must be >= 1, got 0"),
+        ({"num_generations": 0}, r"SelectionSampler: num_generations must be an int >= 1, got 0"),
         ({"num_replicas": 2, "rank": 2}, r"SelectionSampler: rank must be < num_replicas=2, got 2"),
-        ({"rank": -1}, r"SelectionSampler: rank must be >= 0, got -1"),
-        ({"repeat_count": 0}, r"SelectionSampler: repeat_count must be >= 1, got 0"),
-        ({"batch_size": 0}, r"SelectionSampler: batch_size must be >= 1, got 0"),
+        ({"rank": -1}, r"SelectionSampler: rank must be an int >= 0, got -1"),
+        ({"repeat_count": 0}, r"SelectionSampler: repeat_count must be an int >= 1, got 0"),
+        ({"batch_size": 0}, r"SelectionSampler: batch_size must be an int >= 1, got 0"),
         ({"initial_ids": torch.tensor([5])}, r"SelectionSampler: initial_ids must be in \[0, 5\)"),
     ]
     for kwargs, match in cases:
@@ -408,7 +411,7 @@ def test_sampler_errors() -> None:
     with pytest.raises(GradAlignError, match=r"SelectionSampler: source must have pool_size"):
         SelectionSampler(torch.arange(3))  # type: ignore[arg-type]
     sampler = SelectionSampler(cur)
-    with pytest.raises(GradAlignError, match=r"set_epoch: epoch must be >= 0, got -1"):
+    with pytest.raises(GradAlignError, match=r"set_epoch: epoch must be an int >= 0, got -1"):
         sampler.set_epoch(-1)
     cur.next_chunk()
     cur.record(torch.tensor([], dtype=torch.int64))

@@ -71,10 +71,13 @@ def test_model_state_is_restored_at_every_yield(qwen: nn.Module, name: str) -> N
 def test_select_works_under_no_grad(qwen: nn.Module, name: str) -> None:
     model = _model(name, qwen)
     ro = make_rollouts(vocab=qwen.config.vocab_size, groups=GROUPS, rewards=REWARDS)
+    val = make_rollouts(
+        vocab=qwen.config.vocab_size, groups=[g + 10 for g in GROUPS], rewards=REWARDS, seed=1
+    )
     ext = _extractors()[name]
-    expected = GradAlign(ext).score(model, ro, ro).scores
+    expected = GradAlign(ext).score(model, ro, val).scores
     with torch.no_grad():
-        got = GradAlign(ext).score(model, ro, ro).scores
+        got = GradAlign(ext).score(model, ro, val).scores
     assert got is not None and expected is not None
     torch.testing.assert_close(got, expected)
     assert torch.isfinite(got).all()

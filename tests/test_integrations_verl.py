@@ -283,8 +283,11 @@ def test_score_and_select_serves_the_gradalign_selection(qwen: torch.nn.Module, 
     val_rows = _rollouts_by_hand(vocab, seed=2)
     val = rollouts_from_dataproto(_proto(kind, val_rows), index_key=None)  # groups by uid alone
     assert val.unique_groups.tolist() == [0, 1, 2, 3]
-    sel = sampler.score_and_select(qwen, cands, val)
-    ref = GradAlign(policy=TopK(2)).select(qwen, cands, val)
+    # Groups by uid alone get ordinals 0..3; one collides with a candidate id: a warning says so.
+    with pytest.warns(UserWarning, match=r"group ids \[1\] are both candidates and validation"):
+        sel = sampler.score_and_select(qwen, cands, val)
+    with pytest.warns(UserWarning, match="are both candidates and validation"):
+        ref = GradAlign(policy=TopK(2)).select(qwen, cands, val)
     assert sel.ids.tolist() == ref.ids.tolist()
     assert list(sampler) == ref.ids.tolist()
     assert sampler.curriculum.history(int(ref.ids[0]))["selected_count"] == 1

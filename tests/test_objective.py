@@ -157,7 +157,14 @@ def test_zero_eps_extractors_give_exact_zeros(qwen: torch.nn.Module) -> None:
         grads = ext.per_group(qwen, ro, obj).grads
         assert torch.isfinite(grads).all()
         assert grads[0].abs().sum() == 0 and grads[1].abs().sum() > 0
-    scores = GradAlign(objective=obj).score(qwen, ro, ro).scores
+    val = Rollouts(
+        input_ids=ro.input_ids,
+        attention_mask=ro.attention_mask,
+        response_mask=ro.response_mask,
+        rewards=ro.rewards,
+        group_ids=ro.group_ids + 100,  # the same rollouts as validation problems 100, 101
+    )
+    scores = GradAlign(objective=obj).score(qwen, ro, val).scores
     assert scores is not None and torch.isfinite(scores).all() and scores[1] > 0.99
 
 

@@ -373,7 +373,11 @@ def test_drop_zero_variance_missing_both():
         (lambda: Threshold(math.nan), "Threshold: min_score must be a real number, not NaN"),
         (lambda: AccuracyBand(0.8, 0.2), "AccuracyBand: high must be >= low=0.8, got 0.2"),
         (lambda: AccuracyBand(k=0), "AccuracyBand: k must be an int >= 1, got 0"),
-        (lambda: Random(3, seed=-1), "Random: seed must be an int >= 0, got -1"),
+        (
+            lambda: Random(3, seed=-1),
+            "Random: seed must be an int from 0 to 18446744073709551615, got -1",
+        ),
+        (lambda: Random(2, seed=2**70), "Random: seed must be an int from 0 to"),
         (lambda: Softmax(2, temperature=0), "Softmax: temperature must be finite and > 0, got 0"),
         (lambda: Softmax(2, temperature=math.inf), "Softmax: temperature must be finite and > 0"),
         (lambda: DiverseTopK(2, redundancy=-1), "DiverseTopK: redundancy must be finite and >= 0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +31,18 @@ def _output_head_names(model: nn.Module) -> set[str]:
 def _is_adapter_piece(name: str) -> bool:
     # peft wraps a targeted Linear; the wrapper keeps its name, its pieces sit below it.
     return ".lora_" in name or ".base_layer" in name or name.startswith(("lora_", "base_layer"))
+
+
+def check_target_modules(call: str, target_modules: Any) -> None:
+    """Reject a ``target_modules`` that is not None, a string or a non-empty list of strings."""
+    if target_modules is None or isinstance(target_modules, str):
+        return
+    ok = isinstance(target_modules, (list, tuple, set, frozenset)) and bool(target_modules)
+    if not ok or not all(isinstance(k, str) for k in target_modules):
+        raise GradAlignError(
+            f"{call}: target_modules must be None, a string or a non-empty list of strings, "
+            f"got {target_modules!r}"
+        )
 
 
 def match_modules(
@@ -66,12 +79,8 @@ def match_modules(
             ) from exc
         chosen = [(n, m) for n, m in named if pattern.fullmatch(n)]
     else:
+        check_target_modules(call, target_modules)
         keys = list(target_modules)
-        if not keys or not all(isinstance(k, str) for k in keys):
-            raise GradAlignError(
-                f"{call}: target_modules must be None, a string or a non-empty list of strings, "
-                f"got {target_modules!r}"
-            )
         chosen = [(n, m) for n, m in named if any(n == k or n.endswith("." + k) for k in keys)]
     if linear_only:
         chosen = [(n, m) for n, m in chosen if is_linear(m)]

@@ -60,8 +60,14 @@ def _check_field(name: str, value: Any, g: int) -> torch.Tensor:
     if value.is_floating_point() and value.isnan().any():
         rows = value.isnan().reshape(g, -1).any(1).nonzero().flatten().tolist()
         raise GradAlignError(f"Candidates: {name} contains NaN in rows {rows}")
-    if name == "grads" and not value.isfinite().all():
-        raise GradAlignError("Candidates: grads must be finite, got inf")
+    if value.is_floating_point() and not value.isfinite().all():
+        raise GradAlignError(f"Candidates: {name} must be finite, got inf")
+    if name == "accuracy" and ((value < 0) | (value > 1)).any():
+        bad = value[(value < 0) | (value > 1)][:5].tolist()
+        raise GradAlignError(
+            f"Candidates: accuracy is a pass rate and must lie in [0, 1], got {bad}; for rewards "
+            "outside [0, 1] pass their mean as scores, not as accuracy"
+        )
     if name == "reward_std" and (value < 0).any():
         raise GradAlignError(f"Candidates: reward_std must be >= 0, got min {value.min().item()}")
     return value
@@ -84,7 +90,7 @@ class Candidates:
 
     Raises:
         GradAlignError: a field is not a tensor or has the wrong shape or dtype, ids repeat, a field
-            holds NaN, grads hold inf, or reward_std is negative.
+            holds NaN or inf, accuracy lies outside [0, 1], or reward_std is negative.
     """
 
     ids: torch.Tensor
@@ -126,8 +132,10 @@ class Candidates:
             zero_gradient: (G,) bool zero-norm flags.
 
         Returns:
-            Candidates with ids = sorted unique group ids, accuracy = mean reward per group and
-            reward_std = population std (unbiased=False) per group, exactly 0 for constant groups.
+            Candidates with ids = sorted unique group ids, accuracy = mean reward per group (the
+            pass rate; None when a reward lies outside [0, 1], where a pass rate means nothing)
+            and reward_std = population std (unbiased=False) per group, exactly 0 for constant
+            groups.
         """
         gids = _as_ids("Candidates.from_rollouts", rollouts.group_ids)
         rewards = torch.as_tensor(rollouts.rewards).detach().cpu().double()  # (S,)
@@ -143,7 +151,7 @@ class Candidates:
         return cls(
             ids=ids,
             scores=scores,
-            accuracy=mean.float(),
+            accuracy=mean.float() if bool(((rewards >= 0) & (rewards <= 1)).all()) else None,
             reward_std=(sq / counts).sqrt().float(),
             zero_gradient=zero_gradient,
             task_scores=task_scores,

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import Sampler
 
+from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 
 __all__ = ["Curriculum", "ProblemStats", "SelectionSampler", "SelectionSource"]
@@ -36,11 +37,7 @@ def _permutation(n: int, *parts: object) -> torch.Tensor:
 
 
 def _check_int(where: str, name: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GradAlignError(f"{where}: {name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise GradAlignError(f"{where}: {name} must be >= {minimum}, got {value}")
-    return value
+    return int(check_int(where, name, value, minimum))
 
 
 def _tensor(where: str, name: str, value: Any) -> torch.Tensor:
@@ -337,7 +334,12 @@ class Curriculum:
                 f"{where}: round={fresh._round}, pass_index={fresh._pass}, offset={fresh._offset} "
                 f"do not fit pool_size={self.pool_size}, chunk_size={self.chunk_size}"
             )
-        for entry in state["records"]:
+        records = state["records"]
+        if not isinstance(records, (list, tuple)):
+            raise GradAlignError(
+                f"{where}: records must be a list of round records, got {type(records).__name__}"
+            )
+        for entry in records:
             r = entry.get("round") if isinstance(entry, dict) else None
             previous = fresh._log[-1]["round"] if fresh._log else -1
             if not isinstance(r, int) or not previous < r <= fresh._round:

@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import math
 import numbers
@@ -43,6 +44,7 @@ from typing import Any
 
 import torch
 
+from gradalign._validate import check_int, check_seed
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 
@@ -86,16 +88,18 @@ def _need(policy: object, c: Candidates, name: str) -> torch.Tensor:
     return value
 
 
+def _plain_int(value: Any) -> Any:
+    """numpy integers as Python ints; bools and everything else unchanged (and then rejected)."""
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return operator.index(value) if integral else value
+
+
 def _int(policy: object, name: str, value: Any, minimum: int) -> int:
-    try:
-        n = operator.index(value) if not isinstance(value, bool) else minimum - 1
-    except TypeError:
-        n = minimum - 1
-    if n < minimum:
-        raise GradAlignError(
-            f"{type(policy).__name__}: {name} must be an int >= {minimum}, got {value!r}"
-        )
-    return n
+    return int(check_int(type(policy).__name__, name, _plain_int(value), minimum))
+
+
+def _seed(policy: object, value: Any) -> int:
+    return check_seed(type(policy).__name__, _plain_int(value))
 
 
 def _real(
@@ -150,6 +154,25 @@ def _ids_at(candidates: Candidates, positions: list[int]) -> torch.Tensor:
 class Policy(abc.ABC):
     """A selection rule: ``policy(candidates)`` returns the selected ids (int64), best first."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is None or getattr(call, "_checks_candidates", False):
+            return
+
+        @functools.wraps(call)
+        def checked(self: Policy, candidates: Candidates) -> torch.Tensor:
+            if not isinstance(candidates, Candidates):
+                raise GradAlignError(
+                    f"{type(self).__name__}: candidates must be a gradalign.Candidates (e.g. "
+                    "Candidates.from_rollouts(rollouts, scores=...)), got "
+                    f"{type(candidates).__name__}"
+                )
+            return call(self, candidates)
+
+        checked._checks_candidates = True  # type: ignore[attr-defined]
+        cls.__call__ = checked  # type: ignore[method-assign]
+
     @abc.abstractmethod
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         """Select from ``candidates`` (G rows); returns (k,) int64 ids in rank order."""
@@ -170,7 +193,11 @@ class _KeyTopK(Policy):
 
     descending = True
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int | None = None) -> None:
+        if k is None:
+            raise GradAlignError(
+                f"{type(self).__name__}: k (how many candidates to select) is required, got none"
+            )
         self.k = _int(self, "k", k, 1)
 
     @abc.abstractmethod
@@ -321,7 +348,7 @@ class AccuracyBand(Policy):
         high: upper pass-rate bound (inclusive), ``>= low``.
         k: how many to draw; None draws every eligible candidate, in random order. More than are
             eligible selects all of them with a UserWarning.
-        seed: non-negative int seeding the local generator.
+        seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
     """
 
     def __init__(
@@ -330,7 +357,7 @@ class AccuracyBand(Policy):
         self.low = _real(self, "low", low)
         self.high = _real(self, "high", high, lambda v: v >= self.low, f">= low={self.low}")
         self.k = None if k is None else _int(self, "k", k, 1)
-        self.seed = _int(self, "seed", seed, 0)
+        self.seed = _seed(self, seed)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         p = _need(self, candidates, "accuracy")
@@ -349,12 +376,12 @@ class Random(Policy):
 
     Args:
         k: positive int.
-        seed: non-negative int seeding the local generator.
+        seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
     """
 
     def __init__(self, k: int, seed: int = 0) -> None:
         self.k = _int(self, "k", k, 1)
-        self.seed = _int(self, "seed", seed, 0)
+        self.seed = _seed(self, seed)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         k = _clip_k(self, self.k, len(candidates), len(candidates))
@@ -371,14 +398,14 @@ class Softmax(Policy):
     Args:
         k: positive int.
         temperature: T, finite and > 0.
-        seed: non-negative int seeding the local generator.
+        seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
     """
 
     def __init__(self, k: int, temperature: float = 1.0, seed: int = 0) -> None:
         self.k = _int(self, "k", k, 1)
         rule = "finite and > 0"
         self.temperature = _real(self, "temperature", temperature, lambda v: 0 < v < math.inf, rule)
-        self.seed = _int(self, "seed", seed, 0)
+        self.seed = _seed(self, seed)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores").double()
@@ -485,7 +512,7 @@ class EpsilonMix(Policy):
     Args:
         policy: any callable ``Candidates -> ids``.
         epsilon: in [0, 1].
-        seed: non-negative int seeding the local generator.
+        seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
     """
 
     def __init__(self, policy: _PolicyFn, epsilon: float, seed: int = 0) -> None:
@@ -493,7 +520,7 @@ class EpsilonMix(Policy):
             raise GradAlignError(f"EpsilonMix: policy must be callable, got {policy!r}")
         self.policy = policy
         self.epsilon = _real(self, "epsilon", epsilon, lambda v: 0 <= v <= 1, "in [0, 1]")
-        self.seed = _int(self, "seed", seed, 0)
+        self.seed = _seed(self, seed)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         inner = candidates.positions(self.policy(candidates)).tolist()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 
 __all__ = ["KINDS", "Projector", "project", "projection_block"]
@@ -187,10 +188,7 @@ def _project_sjlt(
 
 
 def _int(call: str, what: str, value: object, low: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-        rule = "an int" if low is None else f"an int >= {low}"
-        raise GradAlignError(f"{call}: {what} must be {rule}, got {value!r}")
-    return value
+    return int(check_int(call, what, value, low))
 
 
 def _check(call: str, kind: object, dim: object, seed: object, nnz: object) -> int:

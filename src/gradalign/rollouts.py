@@ -81,8 +81,13 @@ class Rollouts:
             raise GradAlignError(
                 f"Rollouts: input_ids must be 2-D (S, T), got shape {tuple(ids.shape)}"
             )
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise GradAlignError(f"Rollouts: input_ids must hold integers, got dtype {ids.dtype}")
+        if ids.numel() and int(ids.min()) < 0:
+            row = int((ids < 0).any(1).nonzero()[0])
+            raise GradAlignError(
+                f"Rollouts: input_ids must be token ids >= 0, got {int(ids.min())} in row {row}"
+            )
         if ids.shape[0] == 0 or ids.shape[1] < 2:
             raise GradAlignError(
                 f"Rollouts: input_ids needs at least one row and two columns, got {tuple(ids.shape)}"
@@ -92,7 +97,7 @@ class Rollouts:
         resp = self._matrix("response_mask", self.response_mask, (s, t))
         rewards = self._vector("rewards", self.rewards, s, torch.float32)
         groups = self._vector("group_ids", self.group_ids, s, None)
-        if groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
             raise GradAlignError(
                 f"Rollouts: group_ids must hold integers, got dtype {groups.dtype}"
             )
@@ -112,7 +117,7 @@ class Rollouts:
         for name in ("old_logprobs", "ref_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                set_(self, name, self._logprobs(name, value, (s, t)))
+                set_(self, name, self._logprobs(name, value, self.response_mask))
         unique, index = torch.unique(self.group_ids, sorted=True, return_inverse=True)
         set_(self, "unique_groups", unique)
         set_(self, "group_index", index)
@@ -124,9 +129,9 @@ class Rollouts:
             raise GradAlignError(
                 f"Rollouts: {name} must have the shape of input_ids {shape}, got {tuple(out.shape)}"
             )
-        if out.dtype.is_floating_point:
+        if out.dtype != torch.bool:
             values = torch.unique(out)
-            if not bool(((values == 0) | (values == 1)).all()):
+            if out.dtype.is_complex or not bool(((values == 0) | (values == 1)).all()):
                 raise GradAlignError(
                     f"Rollouts: {name} must be 0/1 or bool, got values {values[:5].tolist()}"
                 )
@@ -134,7 +139,10 @@ class Rollouts:
 
     @staticmethod
     def _vector(name: str, value: Any, s: int, dtype: torch.dtype | None) -> torch.Tensor:
-        out = _as_tensor(name, value, dtype)
+        raw = _as_tensor(name, value)
+        if raw.is_complex():
+            raise GradAlignError(f"Rollouts: {name} must be real, got complex values")
+        out = raw if dtype is None else raw.to(dtype)
         if out.dim() != 1 or out.shape[0] != s:
             raise GradAlignError(
                 f"Rollouts: {name} must have one entry per row of input_ids ({s}), "
@@ -143,13 +151,25 @@ class Rollouts:
         return out
 
     @staticmethod
-    def _logprobs(name: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
-        out = _as_tensor(name, value, torch.float32)
+    def _logprobs(name: str, value: Any, response: torch.Tensor) -> torch.Tensor:
+        """(S, T) float32 log-probs, finite at response tokens; 0 elsewhere (never read)."""
+        shape = tuple(response.shape)
+        raw = _as_tensor(name, value)
+        if raw.is_complex():
+            raise GradAlignError(f"Rollouts: {name} must be real, got complex values")
+        out = raw.to(torch.float32)
         if tuple(out.shape) != shape:
             raise GradAlignError(
                 f"Rollouts: {name} must have the shape of input_ids {shape}, got {tuple(out.shape)}"
             )
-        return out
+        bad = response & ~torch.isfinite(out)
+        if bad.any():
+            row, col = (int(x) for x in bad.nonzero()[0])
+            raise GradAlignError(
+                f"Rollouts: {name} must be finite at response tokens, got {out[row, col].item()} "
+                f"at row {row}, column {col}"
+            )
+        return torch.where(response, out, torch.zeros_like(out))
 
     @staticmethod
     def _check_masks(attn: torch.Tensor, resp: torch.Tensor) -> None:
@@ -233,7 +253,12 @@ class Rollouts:
 
     def select_groups(self, ids: torch.Tensor | Sequence[int]) -> Rollouts:
         """The rollouts of the given group ids (rows keep their original order)."""
-        wanted = _as_tensor("ids", ids, torch.long).to(self.device).flatten()
+        raw = _as_tensor("ids", ids)
+        if raw.numel() and (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool):
+            raise GradAlignError(
+                f"Rollouts.select_groups: ids must be integers, got {raw.dtype} {raw.flatten()[:5].tolist()}"
+            )
+        wanted = raw.to(self.device, torch.long).flatten()
         missing = wanted[~torch.isin(wanted, self.unique_groups)]
         if missing.numel():
             raise GradAlignError(
@@ -407,6 +432,18 @@ class Rollouts:
         """
         from gradalign._tokenize import tokenize_pairs
 
+        call = "Rollouts.from_texts"
+        for name, value in (("prompts", prompts), ("completions", completions)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise GradAlignError(
+                    f"{call}: {name} must be a sequence with one entry per rollout, got "
+                    f"{type(value).__name__} {str(value)[:40]!r}"
+                )
+        for i, c in enumerate(completions):
+            if not isinstance(c, str):
+                raise GradAlignError(
+                    f"{call}: completions must be strings, got {type(c).__name__} at index {i}"
+                )
         if not len(prompts) == len(completions):
             raise GradAlignError(
                 f"Rollouts.from_texts: got {len(prompts)} prompts but {len(completions)} completions"

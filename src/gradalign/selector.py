@@ -12,6 +12,7 @@ Shape glossary: G candidate groups, D gradient dimension, Q targets.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,34 @@ class Selection:
     candidates: Candidates
 
 
+def _check_selected(policy: Any, out: Any, table: Candidates) -> torch.Tensor:
+    """A policy's output as (k,) int64 ids: integers, 1-D, unique, all among the candidates."""
+    call = f"GradAlign.apply_policy: the policy {getattr(policy, '__name__', repr(policy))}"
+    try:
+        ids = torch.as_tensor(out) if out is not None else None
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.dim() != 1 or not (ids.numel() == 0 or _is_int(ids)):
+        shape = "" if ids is None else f" {ids.dtype} of shape {tuple(ids.shape)}"
+        raise GradAlignError(
+            f"{call} must return a 1-D sequence of integer candidate ids, got "
+            f"{type(out).__name__}{shape}"
+        )
+    ids = ids.long().cpu()
+    unknown = ids[~torch.isin(ids, table.ids)]
+    if unknown.numel():
+        raise GradAlignError(
+            f"{call} returned ids that are not candidates: {unknown[:10].tolist()}"
+        )
+    if ids.unique().numel() != ids.numel():
+        raise GradAlignError(f"{call} returned an id twice: {ids.tolist()[:20]}")
+    return ids
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 class GradAlign:
     """Gradient-aligned selection of RL training problems.
 
@@ -200,6 +229,20 @@ class GradAlign:
         progress: bool = False,
     ) -> tuple[torch.Tensor, tuple[Any, ...]]:
         """(Q, D) target directions from the validation rollouts, and their task labels."""
+        if tasks is not None and not isinstance(tasks, Mapping):
+            raise GradAlignError(
+                "GradAlign.targets: tasks must map each validation group id to a task label "
+                f"(a dict), got {type(tasks).__name__}"
+            )
+        if tasks is not None and validation is not None and _dist.resolve(self.distributed) is None:
+            present = {tasks[int(g)] for g in validation.unique_groups if int(g) in tasks}
+            absent = sorted({t for t in tasks.values() if t not in present}, key=str)
+            if absent:
+                raise GradAlignError(
+                    f"GradAlign.targets: tasks labels {absent} have no validation group among "
+                    "the validation rollouts; give each task at least one validation problem or "
+                    "drop those labels"
+                )
         acc = TargetAccumulator(self.target, self.objective, tasks)
         extractor = self.extractor
         if self.preconditioner is not None:
@@ -230,8 +273,9 @@ class GradAlign:
             which = f" for tasks {empty}" if tasks is not None else ""
             raise GradAlignError(
                 f"GradAlign.targets: the validation gradient is zero{which}; every validation group "
-                "has zero reward spread (all rollouts right or all wrong). Sample more validation "
-                "rollouts or use problems of intermediate difficulty"
+                "has zero reward spread (all rollouts right or all wrong), or no rank holds a "
+                "validation group of the task. Sample more validation rollouts or use problems "
+                "of intermediate difficulty"
             )
         return target, labels
 
@@ -257,6 +301,18 @@ class GradAlign:
         """
         target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
         comm = _dist.resolve(self.distributed)
+        if candidates is not None and validation is not None:
+            shared = candidates.unique_groups[
+                torch.isin(candidates.unique_groups, validation.unique_groups.to(candidates.device))
+            ]
+            if shared.numel():
+                warnings.warn(
+                    f"GradAlign.alignment: group ids {shared[:10].tolist()} are both candidates "
+                    "and validation problems; if they are different problems, give them distinct "
+                    "ids (policies, the curriculum and the store tell problems apart by id)",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if comm is None:
             rows = self._rows(model, candidates, self.objective, target, progress)  # type: ignore[arg-type]
         elif candidates is None:  # a rank without candidates still takes part in the gather
@@ -345,6 +401,6 @@ class GradAlign:
 
     def apply_policy(self, table: Candidates) -> Selection:
         """Run the policy on an already scored candidate table."""
-        ids = torch.as_tensor(self.policy(table), dtype=torch.long)
+        ids = _check_selected(self.policy, self.policy(table), table)
         scores = None if table.scores is None else table.scores[table.positions(ids)]
         return Selection(ids=ids, scores=scores, candidates=table)

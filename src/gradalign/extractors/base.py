@@ -271,3 +271,12 @@ class GradientExtractor(ABC):
             raise GradAlignError(
                 f"{call}: rollouts must be a gradalign.Rollouts, got {type(rollouts).__name__}"
             )
+        get_emb = getattr(model, "get_input_embeddings", None)
+        vocab = getattr(get_emb(), "num_embeddings", None) if callable(get_emb) else None
+        top = int(rollouts.input_ids.max())
+        if isinstance(vocab, int) and top >= vocab:
+            row = int((rollouts.input_ids >= vocab).any(1).nonzero()[0])
+            raise GradAlignError(
+                f"{call}: input_ids hold token id {top} (row {row}) but the model's vocabulary "
+                f"has {vocab} entries (ids 0..{vocab - 1}); padding ids are embedded too"
+            )

@@ -36,7 +36,8 @@ from gradalign._forward import (
     _split_model,
     response_logprobs,
 )
-from gradalign._modules import TargetModules, match_modules
+from gradalign._modules import TargetModules, check_target_modules, match_modules
+from gradalign._validate import check_choice, check_int, check_seed
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
     GradientExtractor,
@@ -420,22 +421,13 @@ def factorized_chunks(
 def check_settings(ext: Any) -> None:
     """Validate the settings shared by the hook-based extractors (``kind``, ``seed``, sizes)."""
     name = type(ext).__name__
-    if ext.kind not in KINDS:
-        raise GradAlignError(f"{name}: kind must be one of {KINDS}, got {ext.kind!r}")
-    if not isinstance(ext.seed, int):
-        raise GradAlignError(f"{name}: seed must be an int, got {ext.seed!r}")
-    if not isinstance(ext.batch_size, int) or ext.batch_size < 1:
-        raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {ext.batch_size!r}")
-    if ext.group_chunk is not None and (
-        not isinstance(ext.group_chunk, int) or ext.group_chunk < 1
-    ):
-        raise GradAlignError(
-            f"{name}: group_chunk must be an int >= 1 or None, got {ext.group_chunk!r}"
-        )
-    if not isinstance(ext.max_logits_elements, int) or ext.max_logits_elements < 1:
-        raise GradAlignError(
-            f"{name}: max_logits_elements must be an int >= 1, got {ext.max_logits_elements!r}"
-        )
+    check_choice(name, "kind", ext.kind, KINDS)
+    check_seed(name, ext.seed)
+    check_int(name, "batch_size", ext.batch_size, 1)
+    check_int(name, "group_chunk", ext.group_chunk, 1, allow_none=True)
+    check_int(name, "max_logits_elements", ext.max_logits_elements, 1)
+    if not isinstance(ext.share_prompts, bool):
+        raise GradAlignError(f"{name}: share_prompts must be a bool, got {ext.share_prompts!r}")
 
 
 @dataclass
@@ -488,9 +480,8 @@ class FactorizedGradient(GradientExtractor):
     def __post_init__(self) -> None:
         name = type(self).__name__
         for what in ("dim_in", "dim_out"):
-            value = getattr(self, what)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise GradAlignError(f"{name}: {what} must be an int >= 1 or None, got {value!r}")
+            check_int(name, what, getattr(self, what), 1, allow_none=True)
+        check_target_modules(name, self.target_modules)
         check_settings(self)
         self.exact = self.dim_in is None and self.dim_out is None
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from gradalign._forward import DEFAULT_LOGITS_ELEMENTS, response_logprobs
-from gradalign._modules import TargetModules, target_parameters
+from gradalign._modules import TargetModules, check_target_modules, target_parameters
+from gradalign._validate import check_choice, check_int, check_seed
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
     GradientExtractor,
@@ -117,15 +118,13 @@ class FullGradient(GradientExtractor):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise GradAlignError(f"{name}: batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.group_chunk is not None and self.group_chunk < 1:
+        check_target_modules(name, self.target_modules)
+        check_int(name, "batch_size", self.batch_size, 1)
+        check_int(name, "group_chunk", self.group_chunk, 1, allow_none=True)
+        check_int(name, "max_logits_elements", self.max_logits_elements, 1)
+        if not isinstance(self.share_prompts, bool):
             raise GradAlignError(
-                f"{name}: group_chunk must be >= 1 or None, got {self.group_chunk}"
-            )
-        if self.max_logits_elements < 1:
-            raise GradAlignError(
-                f"{name}: max_logits_elements must be >= 1, got {self.max_logits_elements}"
+                f"{name}: share_prompts must be a bool, got {self.share_prompts!r}"
             )
 
     #: whether a row is the projection of the gradient rather than the gradient itself
@@ -284,12 +283,9 @@ class RandomProjectedGradient(FullGradient):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if not isinstance(self.dim, int) or self.dim < 1:
-            raise GradAlignError(f"{name}: dim must be an int >= 1, got {self.dim!r}")
-        if self.kind not in KINDS:
-            raise GradAlignError(f"{name}: kind must be one of {KINDS}, got {self.kind!r}")
-        if not isinstance(self.seed, int):
-            raise GradAlignError(f"{name}: seed must be an int, got {self.seed!r}")
+        check_int(name, "dim", self.dim, 1)
+        check_choice(name, "kind", self.kind, KINDS)
+        check_seed(name, self.seed)
 
     _projected = True
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradalign._forward import DEFAULT_LOGITS_ELEMENTS
+from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor, GroupGradients
 from gradalign.extractors.factorized import check_settings, factorized_chunks, factorized_packs
@@ -136,8 +137,7 @@ class LoRAGradient(GradientExtractor):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
-            raise GradAlignError(f"{name}: dim must be an int >= 1 or None, got {self.dim!r}")
+        check_int(name, "dim", self.dim, 1, allow_none=True)
         check_settings(self)
         self.exact = self.dim is None
 

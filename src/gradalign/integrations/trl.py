@@ -61,6 +61,7 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from gradalign._validate import check_int
 from gradalign.curriculum import Curriculum, SelectionSampler, SelectionSource
 from gradalign.errors import GradAlignError
 from gradalign.objective import REWARD_SCALINGS, GRPOObjective
@@ -167,9 +168,7 @@ def objective_from_config(args: Any, *, include_kl: bool = False) -> GRPOObjecti
 
 
 def _check_count(where: str, name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise GradAlignError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(check_int(where, name, value, minimum))
 
 
 class StreamingSelectionSampler(Sampler[int]):
@@ -495,6 +494,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
                 self.validation_dataset,
                 range(len(self.validation_dataset)),
                 self.num_validation_generations,
+                validation=True,
             )
         step = self.state.global_step
         if validation is None or bool(self.objective.zero_spread(validation).all()):
@@ -535,8 +535,14 @@ class GradAlignGRPOTrainer(GRPOTrainer):
             self._metrics, self._pending_extra_logs, self._pending_metrics = saved
             self.state.num_input_tokens_seen = tokens
 
-    def _sample(self, dataset: Dataset, ids: Iterable[int], k: int) -> Rollouts | None:
-        """``k`` scored rollouts of each problem ``ids`` of ``dataset``, grouped by id."""
+    def _sample(
+        self, dataset: Dataset, ids: Iterable[int], k: int, *, validation: bool = False
+    ) -> Rollouts | None:
+        """``k`` scored rollouts of each problem ``ids`` of ``dataset``, grouped by id.
+
+        Validation problem ``i`` gets group id ``-1 - i``: never a pool index, so candidates and
+        validation problems never share an id.
+        """
         ids = [int(i) for i in ids]
         per_call = max(1, self._config.generation_batch_size // k)
         prompt_ids: list[list[int]] = []
@@ -559,7 +565,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
                     prompt_ids.append(list(p_ids[row]))
                     completion_ids.append(list(c_ids[row]))
                     rewards.append(float(total[row]))
-                    groups.append(pid)
+                    groups.append(-1 - pid if validation else pid)
         if not groups:
             return None
         return Rollouts.from_token_ids(
