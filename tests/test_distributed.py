@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gradalign import GradAlign, GradAlignError, GRPOObjective, Rollouts
-from gradalign.distributed import Distributed, check_option, resolve
-from gradalign.extractors import FullGradient, RandomProjectedGradient
+from gradalign.distributed import Distributed, check_distributed_option, resolve
+from gradalign.extractors import FactorizedGradient, FullGradient, RandomProjectedGradient
 from gradalign.policies import Chain, DiverseTopK, DropZeroVariance, TopFraction, TopK
 from gradalign.testing import tiny_model
 from tests.helpers import make_rollouts
@@ -90,6 +90,13 @@ def _scenario(name: str) -> tuple[dict[str, Any], dict[int, str] | None]:
             "target": "batch",
             "policy": Chain(DropZeroVariance(), TopFraction(0.5)),
         }, TASKS
+    if name == "batch-scaled-rewards":  # each shard's reward std differs from the whole batch's
+        return {
+            "extractor": FactorizedGradient(4, 4, batch_size=4),
+            "objective": GRPOObjective(scale_rewards="batch"),
+            "scorer": "inner_product",  # scales with the advantages, unlike the cosine
+            "policy": TopK(3),
+        }, None
     if name == "normalized-projected-grads":
         return {
             "extractor": RandomProjectedGradient(dim=64, seed=3),
@@ -100,7 +107,12 @@ def _scenario(name: str) -> tuple[dict[str, Any], dict[int, str] | None]:
     raise KeyError(name)
 
 
-SCENARIOS = ("mean-cosine", "batch-inner-product-tasks", "normalized-projected-grads")
+SCENARIOS = (
+    "mean-cosine",
+    "batch-inner-product-tasks",
+    "batch-scaled-rewards",
+    "normalized-projected-grads",
+)
 
 
 def _shard(ro: Rollouts, ids: list[int]) -> Rollouts | None:
@@ -214,6 +226,14 @@ def test_shards_have_different_longest_responses() -> None:
         assert longest[0] != longest[1]
 
 
+def test_shards_have_different_reward_spreads() -> None:
+    """Else the "batch-scaled-rewards" scenario would not test the global reward std."""
+    cands, _ = _data(vocab=104)
+    whole = float(cands.rewards.std())
+    for r in (0, 1):
+        assert abs(float(cands.select_groups(CAND_IDS[r::2]).rewards.std()) - whole) > 0.005
+
+
 def test_group_ids_on_two_ranks_are_named(two_ranks: dict[str, Any]) -> None:
     for results in two_ranks["ranks"]:
         message = results["duplicates"]
@@ -242,4 +262,4 @@ def test_options_without_an_initialized_group() -> None:
     with pytest.raises(GradAlignError, match="timeout must be > 0"):
         Distributed(timeout=0)
     assert Distributed(timeout=2).timedelta == timedelta(seconds=2)
-    assert check_option("GradAlign", False) is False
+    assert check_distributed_option("GradAlign", False) is False

@@ -182,3 +182,55 @@ def test_zero_eps_extractors_give_exact_zeros(qwen: torch.nn.Module) -> None:
 def test_non_finite_and_mistyped_settings_are_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(GradAlignError, match=match):
         GRPOObjective(**kwargs)
+
+
+def test_prepare_once_equals_token_weights_and_slices_rows() -> None:
+    from gradalign.objective import TokenWeights
+
+    ro = make_rollouts(vocab=50, groups=[3, 3, 3, 9, 9], rewards=[1.0, 0.0, 1.0, 0.0, 1.0])
+    obj = GRPOObjective(loss_agg="seq-mean-token-sum-norm")
+    prepared = obj.prepare(ro)
+    assert isinstance(prepared, TokenWeights)
+    torch.testing.assert_close(prepared.token_weights(), obj.token_weights(ro))
+    rows = torch.tensor([4, 1])
+    sub = prepared.select(rows, width=5)
+    torch.testing.assert_close(sub.token_weights(), obj.token_weights(ro, rows=rows, width=5))
+    assert prepared.zero_spread(ro).tolist() == [False, False]
+
+
+def test_batch_stats_of_shards_give_the_whole_batch_weights() -> None:
+    from gradalign.objective import BatchStats
+
+    ro = make_rollouts(vocab=50, groups=[0, 0, 1, 1, 2, 2], rewards=[1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    obj = GRPOObjective(scale_rewards="batch", loss_agg="seq-mean-token-sum-norm")
+    shards = [ro.select_groups([0]), ro.select_groups([1, 2])]
+    stats = BatchStats.of(shards[0]).combine(BatchStats.of(shards[1]))
+    assert stats.reward_std == pytest.approx(float(ro.rewards.std()))
+    assert stats.max_response_length == int(ro.response_mask.sum(1).max())
+    whole = obj.token_weights(ro)
+    for shard, rows in zip(shards, ([0, 1], [2, 3, 4, 5]), strict=True):
+        got = obj.prepare(shard, stats).token_weights()
+        width = got.shape[1]
+        torch.testing.assert_close(got, whole[rows, :width])
+
+
+def test_token_weight_objective_is_a_per_example_sft_loss(qwen: torch.nn.Module) -> None:
+    """Per-example gradients of the mean token NLL, against a hand-written backward per row."""
+    from gradalign import FullGradient
+    from gradalign.objective import TokenWeightObjective
+
+    ro = make_rollouts(vocab=qwen.config.vocab_size, groups=[0, 1, 2], rewards=[0.0, 0.0, 0.0])
+    lengths = ro.response_mask.sum(1, keepdim=True).float()
+    obj = TokenWeightObjective(ro.response_mask.float() / lengths)
+    got = FullGradient(target_modules=["lm_head"]).per_group(qwen, ro, obj)
+    assert got.zero_spread.tolist() == [False, False, False]
+    head = qwen.lm_head.weight
+    for i in range(3):
+        ids = ro.input_ids[i : i + 1]
+        logits = qwen(input_ids=ids, attention_mask=ro.attention_mask[i : i + 1]).logits[0]
+        lp = torch.log_softmax(logits[:-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        nll = -(lp * ro.response_mask[i, 1:]).sum() / lengths[i]
+        (expected,) = torch.autograd.grad(nll, [head])
+        torch.testing.assert_close(got.grads[i], expected.flatten(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(GradAlignError, match=r"TokenWeightObjective\.prepare: weights must be"):
+        TokenWeightObjective(torch.ones(2, 2)).prepare(ro)

@@ -2,7 +2,7 @@
 
 Pick, every few training steps, the RL problems whose policy gradient points the same way as the
 gradient of a small trusted validation set (GradAlign, arXiv 2602.21492). The pipeline:
-:class:`Rollouts` -> :class:`GRPOObjective` -> an extractor (:class:`FullGradient`,
+:class:`Rollouts` -> :class:`GRPOObjective` (prepared once into :class:`TokenWeights`) -> an extractor (:class:`FullGradient`,
 :class:`RandomProjectedGradient`, ...) -> :func:`cosine` / :func:`inner_product` against a target ->
 a policy from :mod:`gradalign.policies` -> :class:`GradAlign` ties them together, and
 :class:`Curriculum` drives rounds.
@@ -14,6 +14,7 @@ from gradalign import policies
 from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum, ProblemStats, SelectionSampler
 from gradalign.diagnostics import ScoreBreakdown, score_breakdown, segment_norms
+from gradalign.distributed import DistributedGradAlign
 from gradalign.errors import GradAlignError
 from gradalign.extractors import (
     FactorizedGradient,
@@ -23,20 +24,23 @@ from gradalign.extractors import (
     LoRAGradient,
     RandomProjectedGradient,
 )
-from gradalign.objective import GRPOObjective
+from gradalign.objective import GRPOObjective, Objective, TokenWeightObjective
 from gradalign.preconditioning import AdamPreconditioner
 from gradalign.rollouts import Rollouts
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
 from gradalign.selector import Alignment, GradAlign, Selection
 from gradalign.store import GradientStore
+from gradalign.token_weights import BatchStats, TokenWeights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamPreconditioner",
     "Alignment",
+    "BatchStats",
     "Candidates",
     "Curriculum",
+    "DistributedGradAlign",
     "FactorizedGradient",
     "FullGradient",
     "GRPOObjective",
@@ -46,12 +50,15 @@ __all__ = [
     "GradientStore",
     "GroupGradients",
     "LoRAGradient",
+    "Objective",
     "ProblemStats",
     "RandomProjectedGradient",
     "Rollouts",
     "ScoreBreakdown",
     "Selection",
     "SelectionSampler",
+    "TokenWeightObjective",
+    "TokenWeights",
     "__version__",
     "aggregate_tasks",
     "build_target",

@@ -1,20 +1,23 @@
 """Selection over several processes: each rank scores its shard of groups, all ranks agree.
 
 Implementations: :class:`Distributed` (which process group, how long to wait for a late rank),
-:func:`resolve` (``GradAlign(distributed=...)`` to a :class:`Distributed` or None),
-:func:`is_distributed`, :func:`barrier` (a monitored barrier that names the ranks that did not
-arrive), :func:`all_reduce_target_state` (sums the target accumulators of all ranks),
-:func:`all_gather_rows` and :func:`all_gather_alignment` (variable-size per-rank rows merged by
-group id), :func:`all_reduce_max` and :func:`shard_objective` (objective settings that depend on
-the whole rollouts, made the same on every rank).
+:class:`DistributedGradAlign` (the driver), :func:`resolve` (``GradAlign(distributed=...)`` to a
+:class:`Distributed` or None), :func:`is_distributed`, :func:`barrier` (a monitored barrier that
+names the ranks that did not arrive), :func:`all_reduce_batch_stats`,
+:func:`all_reduce_target_state` (sums the target accumulators of all ranks), :func:`all_gather_rows`
+and :func:`all_gather_alignment` (variable-size per-rank rows merged by group id) and
+:func:`all_reduce_max`.
 
-How :class:`~gradalign.GradAlign` uses them when ``torch.distributed`` is initialized with more
-than one rank: every rank passes its own shard of candidate and validation groups (group ids
-unique across ranks; a rank without a shard passes None). Validation gradients are accumulated
-locally and the (Q, D) sums and (Q,) weights are all-reduced, so the target equals the
-single-process one for every reduction ("mean", "normalized-mean" and "batch" are all sums).
-Candidate rows (dot products, norms, flags, pass rates) are all-gathered and sorted by id, so every
-rank holds the whole candidate table and runs the (deterministic) policy to the same selection.
+:class:`DistributedGradAlign` drives a single-process :class:`~gradalign.GradAlign` over the ranks
+(``GradAlign(distributed="auto")`` hands its calls to it when ``torch.distributed`` is initialized
+with more than one rank): every rank passes its own shard of candidate and validation groups (group
+ids unique across ranks; a rank without a shard passes None). Batch statistics are all-reduced
+first, so each shard is weighted as in the whole batch (``scale_rewards="batch"`` included).
+Validation gradients are accumulated locally and the (Q, D) sums and (Q,) weights are all-reduced,
+so the target equals the single-process one for every reduction ("mean", "normalized-mean" and
+"batch" are all sums). Candidate rows (dot products, norms, flags, pass rates) are all-gathered and
+sorted by id, so every rank holds the whole candidate table and runs the (deterministic) policy to
+the same selection.
 
 Before every collective a ``monitored_barrier`` (gloo groups) waits at most ``timeout``; a rank
 that died or hangs gives a :class:`~gradalign.GradAlignError` naming it instead of a hang. Other
@@ -27,41 +30,38 @@ Shape glossary: G candidate groups (G_r on rank r), Q targets, D gradient dimens
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import dataclasses
-import functools
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from gradalign._calls import api_call, current_call
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
-from gradalign.objective import GRPOObjective
+from gradalign.objective import BatchStats
 from gradalign.rollouts import Rollouts
+from gradalign.scoring import TargetAccumulator
+
+if TYPE_CHECKING:
+    from gradalign.selector import Alignment, GradAlign, Selection
 
 __all__ = [
     "Distributed",
+    "DistributedGradAlign",
     "all_gather_alignment",
     "all_gather_candidates",
     "all_gather_rows",
+    "all_reduce_batch_stats",
     "all_reduce_max",
     "all_reduce_target_state",
-    "api_call",
     "barrier",
-    "check_option",
     "is_distributed",
     "resolve",
-    "shard_objective",
 ]
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_CALL: contextvars.ContextVar[str | None] = contextvars.ContextVar("gradalign_call", default=None)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Distributed:
         return t if isinstance(t, timedelta) or t is None else timedelta(seconds=float(t))
 
 
-def check_option(call: str, option: Any) -> bool | str | Distributed:
+def check_distributed_option(call: str, option: Any) -> bool | str | Distributed:
     """Validate a ``distributed=`` argument: "auto", True, False or a :class:`Distributed`."""
     if option == "auto" or isinstance(option, bool | Distributed):
         return option
@@ -128,28 +128,6 @@ def resolve(option: bool | str | Distributed) -> Distributed | None:
             "distributed=False"
         )
     return settings if dist.get_world_size(settings.group) > 1 else None
-
-
-def current_call(default: str) -> str:
-    """The outermost public call running now (errors name it), else ``default``."""
-    return _CALL.get() or default
-
-
-def api_call(name: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Decorator: errors raised below this call name ``name`` unless an outer call is named."""
-
-    def wrap(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(fn)
-        def inner(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            token = _CALL.set(_CALL.get() or name)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _CALL.reset(token)
-
-        return inner
-
-    return wrap
 
 
 def _seconds(settings: Distributed) -> str:
@@ -351,26 +329,20 @@ def all_gather_alignment(
     return out_ids, dot_, norm_, spread_, out["grads"]
 
 
-def shard_objective(
-    objective: GRPOObjective, rollouts: Rollouts | None, settings: Distributed
-) -> GRPOObjective:
-    """``objective`` with the settings that depend on all the rollouts made global.
+def all_reduce_batch_stats(
+    stats: BatchStats | None, settings: Distributed, *, phase: str
+) -> BatchStats | None:
+    """The batch statistics of every rank's shard combined (None when no rank has one).
 
-    "seq-mean-token-sum-norm" without ``max_response_length`` divides by the longest response of
-    the rollouts: the longest over all ranks is filled in. ``scale_rewards="batch"`` divides by
-    the std of all rewards, which a shard cannot know: it raises.
+    With them each rank prepares its shard exactly as the whole batch would be prepared, which is
+    what makes ``scale_rewards="batch"`` and the default length of ``"seq-mean-token-sum-norm"``
+    work across processes.
     """
-    call = current_call("GradAlign")
-    if objective.scale_rewards == "batch":
-        raise GradAlignError(
-            f"{call}: scale_rewards='batch' divides by the std of all rollouts, which differs per "
-            "rank's shard; use scale_rewards='group' or 'none' with several processes"
-        )
-    if objective.loss_agg != "seq-mean-token-sum-norm" or objective.max_response_length:
-        return objective
-    local = 0 if rollouts is None else int(rollouts.response_mask.sum(1).max().item())
-    longest = all_reduce_max(local, settings, phase="the all-reduce of the response length")
-    return dataclasses.replace(objective, max_response_length=max(1, longest))
+    combined: BatchStats | None = None
+    for item in _gather_objects(phase, stats, settings):
+        if item is not None:
+            combined = item if combined is None else combined.combine(item)
+    return combined
 
 
 def all_gather_candidates(rollouts: Rollouts | None, settings: Distributed) -> Candidates:
@@ -390,3 +362,124 @@ def all_gather_candidates(rollouts: Rollouts | None, settings: Distributed) -> C
         settings,
     )
     return Candidates(ids=ids, accuracy=rows["accuracy"], reward_std=rows["reward_std"])
+
+
+class DistributedGradAlign:
+    """:class:`~gradalign.GradAlign` over the ranks of a process group: same selection, sharded work.
+
+    Every rank calls the same method with its own shard of candidate and validation groups (group
+    ids unique across ranks; None for a rank without one). The driver uses the selector's
+    single-process seams for each rank's share and combines them: batch statistics and target sums
+    are all-reduced, candidate rows and pass rates all-gathered, and the (deterministic) policy runs
+    on every rank over the whole table, so every rank returns the single-process selection.
+
+    ``GradAlign(distributed="auto")`` (the default) hands its calls to this driver when
+    ``torch.distributed`` is initialized with several ranks.
+
+    Args:
+        selector: the settings: extractor, objective, scorer, policy, target.
+        settings: the process group and timeout; None for the default group.
+
+    Example:
+        >>> driver = DistributedGradAlign(GradAlign(FactorizedGradient()))  # doctest: +SKIP
+        >>> sel = driver.select(model, my_candidate_shard, my_validation_shard)  # doctest: +SKIP
+    """
+
+    def __init__(self, selector: GradAlign, settings: Distributed | None = None) -> None:
+        self.selector = selector
+        self.settings = Distributed() if settings is None else settings
+        if not (dist.is_available() and dist.is_initialized()):
+            raise GradAlignError(
+                "DistributedGradAlign: torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group first"
+            )
+
+    def _stats(self, rollouts: Rollouts | None, what: str) -> BatchStats | None:
+        local = None if rollouts is None else BatchStats.of(rollouts)
+        return all_reduce_batch_stats(
+            local, self.settings, phase=f"the exchange of {what} statistics"
+        )
+
+    @api_call("GradAlign.targets")
+    def targets(
+        self,
+        model: Any,
+        validation: Rollouts | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        """(Q, D) targets from every rank's validation shard: all ranks get the same."""
+        from gradalign.selector import check_tasks
+
+        sel = self.selector
+        check_tasks(tasks, None)  # a label's groups may live on another rank
+        stats = self._stats(validation, "validation")
+        acc = TargetAccumulator(sel.target, sel.objective, tasks)
+        sums = weights = ids = None
+        if validation is not None:
+            acc = sel.target_state(model, validation, tasks=tasks, stats=stats, progress=progress)
+            (sums, weights), ids = acc.state(), validation.unique_groups
+        sums, weights = all_reduce_target_state(sums, weights, self.settings, group_ids=ids)
+        target = acc.result(sums, weights)  # (Q, D)
+        return sel.check_targets(target, tuple(acc.labels or (0,)), tasks)
+
+    @api_call("GradAlign.alignment")
+    def alignment(
+        self,
+        model: Any,
+        candidates: Rollouts | None,
+        validation: Rollouts | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Alignment:
+        """Every rank's candidates against the shared targets, gathered and sorted by id."""
+        from gradalign.selector import CandidateRows, warn_shared_ids
+
+        warn_shared_ids(candidates, validation)
+        target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
+        stats = self._stats(candidates, "candidate")
+        local = None
+        if candidates is not None:
+            local = self.selector.candidate_rows(
+                model, candidates, target, stats=stats, progress=progress
+            )
+        ids, dot, norm, spread, grads = all_gather_alignment(
+            None if local is None else local.ids,
+            None if local is None else local.dot,
+            None if local is None else local.grad_norm,
+            None if local is None else local.zero_spread,
+            self.settings,
+            grads=None if local is None else local.grads,
+        )
+        rows = CandidateRows(ids=ids, dot=dot, grad_norm=norm, zero_spread=spread, grads=grads)
+        return self.selector.make_alignment(rows, target, labels)
+
+    @api_call("GradAlign.score")
+    def score(
+        self,
+        model: Any,
+        candidates: Rollouts | None,
+        validation: Rollouts | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Candidates:
+        """The whole candidate table (every rank's groups) with scores: the same on every rank."""
+        al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
+        return self.selector.make_table(all_gather_candidates(candidates, self.settings), al)
+
+    @api_call("GradAlign.select")
+    def select(
+        self,
+        model: Any,
+        candidates: Rollouts | None,
+        validation: Rollouts | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Selection:
+        """The single-process selection, computed from every rank's shard, on every rank."""
+        table = self.score(model, candidates, validation, tasks=tasks, progress=progress)
+        return self.selector.apply_policy(table)

@@ -1,8 +1,15 @@
-"""The GRPO objective as per-token weights on log-probabilities.
+"""The objective as per-token weights on log-probabilities: a stage of its own.
 
-Implementations: :class:`GRPOObjective`. Every GRPO variant (reward scaling, token aggregation, PPO
-clipping, k3 KL penalty) has a loss whose gradient is ``-sum_{s,t} w[s, t] * grad log pi(y[s, t])``;
-:meth:`GRPOObjective.token_weights` returns that ``w``, which is all the extractors need.
+Every GRPO variant (reward scaling, token aggregation, PPO clipping, k3 KL penalty) has a loss whose
+gradient is ``-sum_{s,t} w[s, t] * grad log pi(y[s, t])``. An objective's :meth:`~Objective.prepare`
+turns a batch of rollouts into :class:`TokenWeights` once, with every batch statistic it needs
+(group means and spreads, the batch reward std, the longest response); the extractors only slice
+rows of it. Statistics of a batch split over processes come in as :class:`BatchStats`, summed over
+the ranks, so a shard gets exactly the weights of the whole batch.
+
+Implementations: :class:`Objective` (the base: ``prepare``), :class:`GRPOObjective` (the GRPO
+family), :class:`TokenWeightObjective` (weights you give, e.g. a per-example SFT loss),
+:class:`TokenWeights` (the prepared weights) and :class:`BatchStats`.
 
 Shape glossary: S sequences, T tokens, G groups.
 """
@@ -10,14 +17,26 @@ Shape glossary: S sequences, T tokens, G groups.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from gradalign.errors import GradAlignError
 from gradalign.rollouts import Rollouts
+from gradalign.token_weights import BatchStats, TokenWeights
 
-__all__ = ["LOSS_AGGREGATIONS", "REWARD_SCALINGS", "GRPOObjective"]
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "REWARD_SCALINGS",
+    "BatchStats",
+    "GRPOObjective",
+    "Objective",
+    "TokenWeightObjective",
+    "TokenWeights",
+    "prepare_weights",
+]
 
 REWARD_SCALINGS = ("group", "none", "batch")
 LOSS_AGGREGATIONS = (
@@ -41,8 +60,64 @@ def _group_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> to
     return out.index_add_(0, index, values)
 
 
+class Objective(ABC):
+    """An objective: :meth:`prepare` turns rollouts into the :class:`TokenWeights` to differentiate.
+
+    Subclass it for another loss; the extractors, the selector and the store accept any subclass.
+    """
+
+    @abstractmethod
+    def prepare(self, rollouts: Rollouts, stats: BatchStats | None = None) -> TokenWeights:
+        """The weights of ``rollouts``; ``stats`` are those of the whole batch when ``rollouts``
+        is one shard of it (None: ``rollouts`` is the whole batch)."""
+
+    def batch_group_weights(
+        self, num_tokens: torch.Tensor, num_sequences: torch.Tensor
+    ) -> torch.Tensor:
+        """(G,) float32 weights w with ``batch loss = sum_g w_g * loss_g / sum_g w_g``
+        (used by ``GradAlign(target="batch")``); by default a group counts by its sequences."""
+        del num_tokens
+        return num_sequences.float()
+
+
+@dataclass(frozen=True, eq=False)
+class TokenWeightObjective(Objective):
+    """A loss whose per-token weights you give: ``loss = -sum_{s,t} weights[s, t] log pi``.
+
+    No group centring and no reward: e.g. a per-example SFT loss is one row per example with
+    ``weights = response_mask / response_length`` (its gradient per example is then the gradient of
+    the mean token negative log-likelihood). Groups are the rollouts' ``group_ids`` as always.
+
+    Args:
+        weights: (S, T) weights of the rollouts this objective will be prepared for (0 outside
+            the response is enforced).
+
+    Example:
+        >>> import torch
+        >>> obj = TokenWeightObjective(torch.tensor([[0.0, 1.0, 1.0]]))
+    """
+
+    weights: torch.Tensor
+
+    def prepare(self, rollouts: Rollouts, stats: BatchStats | None = None) -> TokenWeights:
+        del stats
+        w = torch.as_tensor(self.weights)
+        if tuple(w.shape) != tuple(rollouts.input_ids.shape) or not bool(torch.isfinite(w).all()):
+            raise GradAlignError(
+                "TokenWeightObjective.prepare: weights must be finite with the shape of input_ids "
+                f"{tuple(rollouts.input_ids.shape)}, got {tuple(w.shape)}"
+            )
+        w = torch.where(rollouts.response_mask, w.float(), 0.0)
+        return TokenWeights(
+            advantages=torch.ones(len(rollouts), device=w.device),
+            aggregation=w,
+            response_mask=rollouts.response_mask,
+            row_zero_spread=~w.ne(0).any(1),
+        )
+
+
 @dataclass(frozen=True)
-class GRPOObjective:
+class GRPOObjective(Objective):
     """Settings of the GRPO loss whose per-group gradient GradAlign compares.
 
     Args:
@@ -122,8 +197,12 @@ class GRPOObjective:
         """Whether the weights depend on the current log-probs (PPO ratio or KL term)."""
         return rollouts.old_logprobs is not None or self.kl_coef > 0
 
-    def advantages(self, rollouts: Rollouts) -> torch.Tensor:
-        """(S,) group-relative advantages ``(r - mean_group(r)) / scale``."""
+    def advantages(self, rollouts: Rollouts, stats: BatchStats | None = None) -> torch.Tensor:
+        """(S,) group-relative advantages ``(r - mean_group(r)) / scale``.
+
+        With ``scale_rewards="batch"``, the scale is the reward std of ``stats`` (the whole
+        batch) when given, else of ``rollouts``.
+        """
         r, idx, g = rollouts.rewards.float(), rollouts.group_index, rollouts.num_groups
         count = rollouts.group_sizes().to(r.dtype)
         mean = rollouts.group_mean_rewards()  # (G,)
@@ -131,8 +210,8 @@ class GRPOObjective:
         if self.scale_rewards == "none":
             return centred
         if self.scale_rewards == "batch":
-            std = r.std() if r.numel() > 1 else r.new_zeros(())
-            return _divide(centred, (std + self.eps).expand_as(centred))
+            std = (stats or BatchStats.of(rollouts)).reward_std
+            return _divide(centred, torch.full_like(centred, std + self.eps))
         # Unbiased std like the common trainers; a single-rollout group has no spread.
         var = _group_sum(centred**2, idx, g) / (count - 1).clamp_min(1)  # (G,)
         return _divide(centred, var.sqrt()[idx] + self.eps)
@@ -141,8 +220,12 @@ class GRPOObjective:
         """(G,) bool, True for groups whose rewards have no spread (their GRPO gradient is zero)."""
         return rollouts.group_reward_spread() <= self.zero_spread_tol
 
-    def aggregation(self, rollouts: Rollouts) -> torch.Tensor:
-        """(S, T) token aggregation factors: each group's loss is ``sum_{s,t} agg * loss[s, t]``."""
+    def aggregation(self, rollouts: Rollouts, stats: BatchStats | None = None) -> torch.Tensor:
+        """(S, T) token aggregation factors: each group's loss is ``sum_{s,t} agg * loss[s, t]``.
+
+        ``"seq-mean-token-sum-norm"`` without ``max_response_length`` divides by the longest
+        response of ``stats`` (the whole batch) when given, else of ``rollouts``.
+        """
         mask = rollouts.response_mask.float()  # (S, T)
         idx = rollouts.group_index
         lengths = mask.sum(1)  # (S,)
@@ -155,7 +238,8 @@ class GRPOObjective:
             elif self.loss_agg == "seq-mean-token-sum":
                 per_seq = 1.0 / n_seq
             else:
-                norm = self.max_response_length or int(lengths.max().item())
+                longest = (stats or BatchStats.of(rollouts)).max_response_length
+                norm = self.max_response_length or longest
                 per_seq = 1.0 / (n_seq * norm)
         return mask * per_seq[:, None]
 
@@ -170,6 +254,34 @@ class GRPOObjective:
         counts = num_tokens if self.loss_agg == "token-mean" else num_sequences
         return counts.float()
 
+    def prepare(self, rollouts: Rollouts, stats: BatchStats | None = None) -> TokenWeights:
+        """Advantages, aggregation and zero-spread flags of ``rollouts``, computed once.
+
+        Args:
+            rollouts: the batch (or, with ``stats``, one shard of it).
+            stats: the whole batch's statistics when ``rollouts`` is a shard; makes
+                ``scale_rewards="batch"`` and the default length of ``"seq-mean-token-sum-norm"``
+                those of the whole batch.
+
+        Raises:
+            GradAlignError: If ``kl_coef > 0`` and the rollouts carry no ``ref_logprobs``.
+        """
+        if self.kl_coef > 0 and rollouts.ref_logprobs is None:
+            raise GradAlignError(
+                f"GRPOObjective.prepare: kl_coef={self.kl_coef} needs rollouts.ref_logprobs, got None"
+            )
+        return TokenWeights(
+            advantages=self.advantages(rollouts, stats),
+            aggregation=self.aggregation(rollouts, stats),
+            response_mask=rollouts.response_mask,
+            row_zero_spread=self.zero_spread(rollouts)[rollouts.group_index],
+            old_logprobs=rollouts.old_logprobs,
+            ref_logprobs=rollouts.ref_logprobs,
+            clip_low=self.clip_low,
+            clip_high=self.clip_low if self.clip_high is None else self.clip_high,
+            kl_coef=self.kl_coef,
+        )
+
     def token_weights(
         self,
         rollouts: Rollouts,
@@ -178,10 +290,10 @@ class GRPOObjective:
         rows: torch.Tensor | None = None,
         width: int | None = None,
     ) -> torch.Tensor:
-        """(S, T) float32 weights ``w`` such that the loss gradient is ``-sum w * grad log pi``.
+        """(S', width) float32 weights ``w`` such that the loss gradient is ``-sum w * grad log pi``.
 
-        Advantages and aggregation always use the whole rollouts (their groups); ``rows`` and
-        ``width`` only cut out a micro-batch of the result.
+        Shorthand for ``self.prepare(rollouts).token_weights(logprobs, rows=rows, width=width)``;
+        prepare once and slice when calling it for many micro-batches.
 
         Args:
             rollouts: the rollouts.
@@ -190,46 +302,25 @@ class GRPOObjective:
                 them the ratio is 1 (on-policy), as in GradAlign's scoring.
             rows: (S',) row indices to return (default: all rows).
             width: number of leading token columns to return (default: all T).
-
-        Returns:
-            (S', width) weights, zero outside the response mask.
         """
-        call = "GRPOObjective.token_weights"
-        rows = torch.arange(len(rollouts), device=rollouts.device) if rows is None else rows
-        width = rollouts.input_ids.shape[1] if width is None else width
-        shape = (int(rows.numel()), int(width))
-        if logprobs is not None and tuple(logprobs.shape) != shape:
-            raise GradAlignError(
-                f"{call}: logprobs must have shape {shape}, got {tuple(logprobs.shape)}"
-            )
-        w = self.advantages(rollouts)[rows][:, None].expand(shape)  # (S', W)
-        if rollouts.old_logprobs is not None:
-            if logprobs is None:
-                raise GradAlignError(
-                    f"{call}: rollouts carry old_logprobs, so the current logprobs are needed"
-                )
-            old = rollouts.old_logprobs[rows, :width]  # (S', W)
-            w = w * self._ratio_factor(logprobs.float(), old, w)
-        if self.kl_coef > 0:
-            if rollouts.ref_logprobs is None:
-                raise GradAlignError(
-                    f"{call}: kl_coef={self.kl_coef} needs rollouts.ref_logprobs, got None"
-                )
-            if logprobs is None:
-                raise GradAlignError(f"{call}: kl_coef > 0 needs the current logprobs")
-            # d/dlogp of k3 = exp(ref - logp) - (ref - logp) - 1 is 1 - exp(ref - logp).
-            delta = (rollouts.ref_logprobs[rows, :width] - logprobs.float()).clamp(max=20.0)
-            w = w - self.kl_coef * (1.0 - torch.exp(delta))
-        weights = (w * self.aggregation(rollouts)[rows, :width]).float()
-        mask = rollouts.response_mask[rows, :width]
-        return torch.where(mask, weights, torch.zeros_like(weights))
+        return self.prepare(rollouts).token_weights(logprobs, rows=rows, width=width)
 
-    def _ratio_factor(
-        self, logprobs: torch.Tensor, old: torch.Tensor, adv: torch.Tensor
-    ) -> torch.Tensor:
-        """d(min(ratio*A, clip(ratio)*A))/dlogp divided by A: ratio where unclipped, else 0."""
-        high = self.clip_low if self.clip_high is None else self.clip_high
-        ratio = torch.exp((logprobs - old).clamp(max=20.0))  # (S, T)
-        clipped = ratio.clamp(1.0 - self.clip_low, 1.0 + high)
-        active = ratio * adv <= clipped * adv
-        return torch.where(active, ratio, torch.zeros_like(ratio))
+
+def prepare_weights(call: str, objective: Any, rollouts: Rollouts) -> TokenWeights:
+    """``objective`` prepared for ``rollouts``: an :class:`Objective` (None: ``GRPOObjective()``),
+    or :class:`TokenWeights` already prepared for them."""
+    if objective is None:
+        objective = GRPOObjective()
+    if isinstance(objective, TokenWeights):
+        if tuple(objective.aggregation.shape) != tuple(rollouts.input_ids.shape):
+            raise GradAlignError(
+                f"{call}: the prepared TokenWeights are {tuple(objective.aggregation.shape)} but "
+                f"the rollouts are {tuple(rollouts.input_ids.shape)}; prepare them for these rollouts"
+            )
+        return objective
+    if not isinstance(objective, Objective):
+        raise GradAlignError(
+            f"{call}: objective must be a gradalign Objective (e.g. GRPOObjective) or "
+            f"TokenWeights, got {type(objective).__name__}"
+        )
+    return objective.prepare(rollouts)

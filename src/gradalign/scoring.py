@@ -19,7 +19,7 @@ import torch
 
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GroupGradients
-from gradalign.objective import GRPOObjective
+from gradalign.objective import GRPOObjective, Objective
 
 __all__ = [
     "TARGET_REDUCTIONS",
@@ -224,7 +224,7 @@ class TargetAccumulator:
     def __init__(
         self,
         reduction: str = "mean",
-        objective: GRPOObjective | None = None,
+        objective: Objective | None = None,
         tasks: Mapping[int, Any] | None = None,
         task_labels: Sequence[Any] | None = None,
     ) -> None:
@@ -280,7 +280,7 @@ def build_target(
     validation: GroupGradients,
     reduction: str = "mean",
     *,
-    objective: GRPOObjective | None = None,
+    objective: Objective | None = None,
     tasks: Mapping[int, Any] | None = None,
 ) -> torch.Tensor:
     """Target direction(s) from validation group gradients.

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from gradalign import distributed as _dist
+from gradalign._calls import api_call
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor
 from gradalign.extractors.full import FullGradient
-from gradalign.objective import GRPOObjective
+from gradalign.objective import BatchStats, GRPOObjective, Objective
 from gradalign.policies import Candidates, TopFraction
 from gradalign.rollouts import Rollouts
 from gradalign.scoring import (
@@ -38,7 +39,7 @@ from gradalign.scoring import (
     unit_target_product,
 )
 
-__all__ = ["SCORERS", "Alignment", "GradAlign", "Selection"]
+__all__ = ["SCORERS", "Alignment", "CandidateRows", "GradAlign", "Selection"]
 
 SCORERS = ("cosine", "inner_product")
 
@@ -98,6 +99,25 @@ class Alignment:
 
 
 @dataclass(frozen=True, eq=False)
+class CandidateRows:
+    """One process's candidate rows before they become an :class:`Alignment`.
+
+    Attributes:
+        ids: (G,) group ids, ascending.
+        dot: (G, Q) float64 inner products with the targets.
+        grad_norm: (G,) float64 gradient norms.
+        zero_spread: (G,) zero-spread flags.
+        grads: (G, D) gradients when kept, else None.
+    """
+
+    ids: torch.Tensor
+    dot: torch.Tensor
+    grad_norm: torch.Tensor
+    zero_spread: torch.Tensor
+    grads: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class Selection:
     """The result of one selection round.
 
@@ -152,12 +172,13 @@ class GradAlign:
         aggregate: with several validation tasks, how per-task scores reduce ("max", "mean", "min").
         keep_grads: keep candidate gradients on the result (for diversity-aware policies); costs
             G x D memory.
-        distributed: "auto" (default) takes the multi-process path when ``torch.distributed`` is
+        distributed: "auto" (default) hands every call to
+            :class:`~gradalign.distributed.DistributedGradAlign` when ``torch.distributed`` is
             initialized with several ranks; True requires it; False never communicates; a
             :class:`~gradalign.distributed.Distributed` picks the process group and timeout. On
             that path every rank passes its own shard of candidate and validation groups (ids
-            unique across ranks, None for a rank without one): targets are all-reduced, scores
-            all-gathered, and every rank returns the single-process selection.
+            unique across ranks, None for a rank without one): batch statistics and targets are
+            all-reduced, scores all-gathered, and every rank returns the single-process selection.
         preconditioner: optimizer-aware targets: parameter name -> scale applied to the validation
             gradient before the target is formed, e.g. ``AdamPreconditioner.from_optimizer(opt,
             model)`` (the LESS preconditioning ``g_V / (sqrt(v_hat) + eps)``); needs an extractor
@@ -172,7 +193,7 @@ class GradAlign:
     def __init__(
         self,
         extractor: GradientExtractor | None = None,
-        objective: GRPOObjective | None = None,
+        objective: Objective | None = None,
         scorer: str = "cosine",
         policy: Callable[[Candidates], torch.Tensor] | None = None,
         *,
@@ -196,6 +217,11 @@ class GradAlign:
             raise GradAlignError(
                 f"GradAlign: aggregate must be one of {TASK_AGGREGATIONS}, got {aggregate!r}"
             )
+        if objective is not None and not isinstance(objective, Objective):
+            raise GradAlignError(
+                "GradAlign: objective must be a gradalign Objective (e.g. GRPOObjective), got "
+                f"{type(objective).__name__}"
+            )
         if policy is not None and not callable(policy):
             raise GradAlignError(f"GradAlign: policy must be callable, got {type(policy).__name__}")
         self.extractor = FullGradient() if extractor is None else extractor
@@ -205,7 +231,7 @@ class GradAlign:
         self.target = target
         self.aggregate = aggregate
         self.keep_grads = keep_grads
-        self.distributed = _dist.check_option("GradAlign", distributed)
+        self.distributed = _dist.check_distributed_option("GradAlign", distributed)
         if preconditioner is not None and not hasattr(self.extractor, "preconditioner"):
             raise GradAlignError(
                 "GradAlign: preconditioner needs an extractor over named parameters "
@@ -219,55 +245,42 @@ class GradAlign:
             f"scorer={self.scorer!r}, policy={self.policy!r}, target={self.target!r})"
         )
 
-    @_dist.api_call("GradAlign.targets")
-    def targets(
+    def driver(self) -> _dist.DistributedGradAlign | None:
+        """The multi-process driver when ``distributed`` resolves to several ranks, else None."""
+        settings = _dist.resolve(self.distributed)
+        return None if settings is None else _dist.DistributedGradAlign(self, settings)
+
+    # Seams: one process's share of each stage (the distributed driver combines them). ----------
+
+    def target_state(
         self,
         model: nn.Module,
-        validation: Rollouts | None,
+        validation: Rollouts,
         *,
         tasks: Mapping[int, Any] | None = None,
+        stats: BatchStats | None = None,
         progress: bool = False,
-    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
-        """(Q, D) target directions from the validation rollouts, and their task labels."""
-        if tasks is not None and not isinstance(tasks, Mapping):
-            raise GradAlignError(
-                "GradAlign.targets: tasks must map each validation group id to a task label "
-                f"(a dict), got {type(tasks).__name__}"
-            )
-        if tasks is not None and validation is not None and _dist.resolve(self.distributed) is None:
-            present = {tasks[int(g)] for g in validation.unique_groups if int(g) in tasks}
-            absent = sorted({t for t in tasks.values() if t not in present}, key=str)
-            if absent:
-                raise GradAlignError(
-                    f"GradAlign.targets: tasks labels {absent} have no validation group among "
-                    "the validation rollouts; give each task at least one validation problem or "
-                    "drop those labels"
-                )
+    ) -> TargetAccumulator:
+        """The validation gradients of ``validation`` summed into a :class:`TargetAccumulator`.
+
+        Args:
+            stats: the batch statistics of the whole validation set when ``validation`` is a
+                shard of it (see :meth:`Objective.prepare`).
+        """
         acc = TargetAccumulator(self.target, self.objective, tasks)
         extractor = self.extractor
         if self.preconditioner is not None:
             # Only the target is preconditioned; candidates keep their plain gradients.
             extractor = dataclasses.replace(extractor, preconditioner=self.preconditioner)  # type: ignore[type-var]
-        comm = _dist.resolve(self.distributed)
-        objective = self.objective
-        if comm is not None:
-            objective = _dist.shard_objective(objective, validation, comm)
-        if comm is None or validation is not None:
-            for chunk in extractor.iter_groups(
-                model,
-                validation,  # type: ignore[arg-type]
-                objective,
-                progress=progress,
-            ):
-                acc.add(chunk)
-        if comm is None:
-            sums, weights = acc.state()
-        else:  # the sums over every rank's shard are the single-process sums
-            state = (None, None) if validation is None else acc.state()
-            ids = None if validation is None else validation.unique_groups
-            sums, weights = _dist.all_reduce_target_state(state[0], state[1], comm, group_ids=ids)
-        target = acc.result(sums, weights)  # (Q, D)
-        labels = tuple(acc.labels or (0,))
+        prepared = self.objective.prepare(validation, stats)
+        for chunk in extractor.iter_groups(model, validation, prepared, progress=progress):
+            acc.add(chunk)
+        return acc
+
+    def check_targets(
+        self, target: torch.Tensor, labels: tuple[Any, ...], tasks: Mapping[int, Any] | None
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        """``(target, labels)`` if every target is non-zero, else a GradAlignError that says why."""
         empty = [labels[i] for i in (target == 0).all(dim=1).nonzero().flatten().tolist()]
         if empty:
             which = f" for tasks {empty}" if tasks is not None else ""
@@ -279,12 +292,87 @@ class GradAlign:
             )
         return target, labels
 
-    @_dist.api_call("GradAlign.alignment")
+    def candidate_rows(
+        self,
+        model: nn.Module,
+        candidates: Rollouts,
+        target: torch.Tensor,
+        *,
+        stats: BatchStats | None = None,
+        progress: bool = False,
+    ) -> CandidateRows:
+        """The alignment terms of ``candidates`` with ``target`` (Q, D), streamed, sorted by id."""
+        prepared = self.objective.prepare(candidates, stats)
+        ids, dots, norms, spread, kept = [], [], [], [], []
+        for chunk in self.extractor.iter_groups(model, candidates, prepared, progress=progress):
+            grads = chunk.grads.float()  # (Gc, D)
+            ids.append(chunk.group_ids)
+            dot, norm, _ = alignment_terms(grads, target)  # (Gc, Q), (Gc,), (Q,)
+            dots.append(dot)
+            norms.append(norm)
+            spread.append(chunk.zero_spread)
+            if self.keep_grads:
+                kept.append(grads)
+        all_ids = torch.cat(ids)
+        order = torch.argsort(all_ids)
+        return CandidateRows(
+            ids=all_ids[order],
+            dot=torch.cat(dots)[order],
+            grad_norm=torch.cat(norms)[order],
+            zero_spread=torch.cat(spread)[order],
+            grads=torch.cat(kept)[order] if self.keep_grads else None,
+        )
+
+    def make_alignment(
+        self, rows: CandidateRows, target: torch.Tensor, labels: tuple[Any, ...]
+    ) -> Alignment:
+        """An :class:`Alignment` from candidate rows and the targets they were scored against."""
+        return Alignment(
+            ids=rows.ids,
+            dot=rows.dot,
+            grad_norm=rows.grad_norm,
+            target_norm=row_norms(target),
+            zero_spread=rows.zero_spread,
+            task_labels=labels,
+            grads=rows.grads,
+            aggregate=self.aggregate,
+        )
+
+    def make_table(self, table: Candidates, al: Alignment) -> Candidates:
+        """The candidate table with this selector's scores, per-task scores and flags."""
+        per_task = al.task_cosine if self.scorer == "cosine" else al.task_inner_product
+        return dataclasses.replace(
+            table,
+            scores=al.scores(self.scorer),
+            zero_gradient=al.zero_gradient,
+            task_scores=per_task,
+            grads=al.grads,
+        )
+
+    # The stages, single-process (several processes: the driver runs them). --------------------
+
+    @api_call("GradAlign.targets")
+    def targets(
+        self,
+        model: nn.Module,
+        validation: Rollouts,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        """(Q, D) target directions from the validation rollouts, and their task labels."""
+        if (driver := self.driver()) is not None:
+            return driver.targets(model, validation, tasks=tasks, progress=progress)
+        check_tasks(tasks, validation)
+        acc = self.target_state(model, validation, tasks=tasks, progress=progress)
+        return self.check_targets(acc.result(), tuple(acc.labels or (0,)), tasks)
+
+    @api_call("GradAlign.alignment")
     def alignment(
         self,
         model: nn.Module,
-        candidates: Rollouts | None,
-        validation: Rollouts | None,
+        candidates: Rollouts,
+        validation: Rollouts,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -299,98 +387,35 @@ class GradAlign:
             tasks: optional mapping validation group id -> task label (one target per task).
             progress: show progress bars.
         """
+        if (driver := self.driver()) is not None:
+            return driver.alignment(model, candidates, validation, tasks=tasks, progress=progress)
+        warn_shared_ids(candidates, validation)
         target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
-        comm = _dist.resolve(self.distributed)
-        if candidates is not None and validation is not None:
-            shared = candidates.unique_groups[
-                torch.isin(candidates.unique_groups, validation.unique_groups.to(candidates.device))
-            ]
-            if shared.numel():
-                warnings.warn(
-                    f"GradAlign.alignment: group ids {shared[:10].tolist()} are both candidates "
-                    "and validation problems; if they are different problems, give them distinct "
-                    "ids (policies, the curriculum and the store tell problems apart by id)",
-                    UserWarning,
-                    stacklevel=3,
-                )
-        if comm is None:
-            rows = self._rows(model, candidates, self.objective, target, progress)  # type: ignore[arg-type]
-        elif candidates is None:  # a rank without candidates still takes part in the gather
-            rows = _dist.all_gather_alignment(None, None, None, None, comm)
-        else:  # this rank's rows, then every rank's, sorted by id
-            objective = _dist.shard_objective(self.objective, candidates, comm)
-            i, d, n, z, g = self._rows(model, candidates, objective, target, progress)
-            rows = _dist.all_gather_alignment(i, d, n, z, comm, grads=g)
-        ids, dot, grad_norm, zero_spread, grads = rows
-        return Alignment(
-            ids=ids,
-            dot=dot,
-            grad_norm=grad_norm,
-            target_norm=row_norms(target),
-            zero_spread=zero_spread,
-            task_labels=labels,
-            grads=grads,
-            aggregate=self.aggregate,
-        )
+        rows = self.candidate_rows(model, candidates, target, progress=progress)
+        return self.make_alignment(rows, target, labels)
 
-    def _rows(
-        self,
-        model: nn.Module,
-        candidates: Rollouts,
-        objective: GRPOObjective,
-        target: torch.Tensor,
-        progress: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(ids, dot, grad_norm, zero_spread, grads) of the candidates, streamed, sorted by id."""
-        ids, dots, norms, spread, kept = [], [], [], [], []
-        for chunk in self.extractor.iter_groups(model, candidates, objective, progress=progress):
-            grads = chunk.grads.float()  # (Gc, D)
-            ids.append(chunk.group_ids)
-            dot, norm, _ = alignment_terms(grads, target)  # (Gc, Q), (Gc,), (Q,)
-            dots.append(dot)
-            norms.append(norm)
-            spread.append(chunk.zero_spread)
-            if self.keep_grads:
-                kept.append(grads)
-        all_ids = torch.cat(ids)
-        order = torch.argsort(all_ids)
-        return (
-            all_ids[order],
-            torch.cat(dots)[order],
-            torch.cat(norms)[order],
-            torch.cat(spread)[order],
-            torch.cat(kept)[order] if self.keep_grads else None,
-        )
-
-    @_dist.api_call("GradAlign.score")
+    @api_call("GradAlign.score")
     def score(
         self,
         model: nn.Module,
-        candidates: Rollouts | None,
-        validation: Rollouts | None,
+        candidates: Rollouts,
+        validation: Rollouts,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
     ) -> Candidates:
         """The candidate table with scores, accuracy, reward spread and zero-gradient flags."""
+        if (driver := self.driver()) is not None:
+            return driver.score(model, candidates, validation, tasks=tasks, progress=progress)
         al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
-        comm = _dist.resolve(self.distributed)
-        if comm is None:
-            table = Candidates.from_rollouts(candidates, scores=al.scores(self.scorer))  # type: ignore[arg-type]
-        else:  # pass rates of every rank's groups
-            table = _dist.all_gather_candidates(candidates, comm)
-            table = dataclasses.replace(table, scores=al.scores(self.scorer))
-        per_task = al.task_cosine if self.scorer == "cosine" else al.task_inner_product
-        return dataclasses.replace(
-            table, zero_gradient=al.zero_gradient, task_scores=per_task, grads=al.grads
-        )
+        return self.make_table(Candidates.from_rollouts(candidates), al)
 
-    @_dist.api_call("GradAlign.select")
+    @api_call("GradAlign.select")
     def select(
         self,
         model: nn.Module,
-        candidates: Rollouts | None,
-        validation: Rollouts | None,
+        candidates: Rollouts,
+        validation: Rollouts,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -404,3 +429,40 @@ class GradAlign:
         ids = _check_selected(self.policy, self.policy(table), table)
         scores = None if table.scores is None else table.scores[table.positions(ids)]
         return Selection(ids=ids, scores=scores, candidates=table)
+
+
+def check_tasks(tasks: Any, validation: Rollouts | None) -> None:
+    """``tasks`` must be a mapping, and every label must have a group in ``validation``."""
+    if tasks is None:
+        return
+    if not isinstance(tasks, Mapping):
+        raise GradAlignError(
+            "GradAlign.targets: tasks must map each validation group id to a task label "
+            f"(a dict), got {type(tasks).__name__}"
+        )
+    if validation is None:
+        return
+    present = {tasks[int(g)] for g in validation.unique_groups if int(g) in tasks}
+    absent = sorted({t for t in tasks.values() if t not in present}, key=str)
+    if absent:
+        raise GradAlignError(
+            f"GradAlign.targets: tasks labels {absent} have no validation group among the "
+            "validation rollouts; give each task at least one validation problem or drop those "
+            "labels"
+        )
+
+
+def warn_shared_ids(candidates: Rollouts | None, validation: Rollouts | None) -> None:
+    """A UserWarning when a group id is both a candidate and a validation problem."""
+    if candidates is None or validation is None:
+        return
+    cand = candidates.unique_groups
+    shared = cand[torch.isin(cand, validation.unique_groups.to(cand.device))]
+    if shared.numel():
+        warnings.warn(
+            f"GradAlign.alignment: group ids {shared[:10].tolist()} are both candidates and "
+            "validation problems; if they are different problems, give them distinct ids "
+            "(policies, the curriculum and the store tell problems apart by id)",
+            UserWarning,
+            stacklevel=4,
+        )

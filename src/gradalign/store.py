@@ -24,7 +24,6 @@ Shape glossary: G groups, D gradient dimension.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import zlib
 from collections.abc import Iterator
@@ -49,49 +48,24 @@ from gradalign._store_io import (
 )
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment
-from gradalign.objective import GRPOObjective
+from gradalign.objective import GRPOObjective, Objective, TokenWeights, prepare_weights
 from gradalign.rollouts import Rollouts
 
 __all__ = ["GradientStore"]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Pinned(GRPOObjective):
-    """The objective of the whole pool, evaluated on a subset of its groups.
+def _chunk(
+    prepared: TokenWeights, full: Rollouts, ids: torch.Tensor
+) -> tuple[Rollouts, TokenWeights]:
+    """The rollouts of groups ``ids`` and their rows of the whole pool's prepared weights.
 
     Batch-level statistics (``scale_rewards="batch"``, the default length of
-    ``"seq-mean-token-sum-norm"``) stay those of the full rollouts, so a resumed chunk gets exactly
+    ``"seq-mean-token-sum-norm"``) stay those of the whole pool, so a resumed chunk gets exactly
     the weights it would have had in one uninterrupted pass.
     """
-
-    subset: Rollouts | None = dataclasses.field(default=None, repr=False)
-    pinned_advantages: torch.Tensor | None = dataclasses.field(default=None, repr=False)
-    pinned_aggregation: torch.Tensor | None = dataclasses.field(default=None, repr=False)
-
-    def advantages(self, rollouts: Rollouts) -> torch.Tensor:
-        if rollouts is self.subset and self.pinned_advantages is not None:
-            return self.pinned_advantages  # (S_sub,)
-        return super().advantages(rollouts)
-
-    def aggregation(self, rollouts: Rollouts) -> torch.Tensor:
-        if rollouts is self.subset and self.pinned_aggregation is not None:
-            return self.pinned_aggregation  # (S_sub, T_sub)
-        return super().aggregation(rollouts)
-
-
-def _pin(objective: GRPOObjective, full: Rollouts, ids: torch.Tensor) -> tuple[Rollouts, _Pinned]:
-    """The rollouts of groups ``ids`` and the objective that weighs them as in ``full``."""
     subset = full.select_groups(ids)
     rows = torch.isin(full.group_ids, ids.to(full.device)).nonzero().flatten()  # subset order
-    width = subset.input_ids.shape[1]
-    settings = {f.name: getattr(objective, f.name) for f in dataclasses.fields(GRPOObjective)}
-    pinned = _Pinned(
-        **settings,
-        subset=subset,
-        pinned_advantages=objective.advantages(full)[rows],  # (S_sub,)
-        pinned_aggregation=objective.aggregation(full)[rows, :width],  # (S_sub, T_sub)
-    )
-    return subset, pinned
+    return subset, prepared.select(rows, subset.input_ids.shape[1])
 
 
 class GradientStore:
@@ -199,7 +173,7 @@ class GradientStore:
         return self.dim
 
     def _check_fingerprint(
-        self, extractor: GradientExtractor, objective: GRPOObjective, model: nn.Module
+        self, extractor: GradientExtractor, objective: Objective, model: nn.Module
     ) -> None:
         call = "GradientStore.extract"
         fingerprint = {
@@ -237,7 +211,7 @@ class GradientStore:
         extractor: GradientExtractor,
         model: nn.Module,
         rollouts: Rollouts,
-        objective: GRPOObjective | None = None,
+        objective: Objective | None = None,
         *,
         chunk_groups: int = 256,
         progress: bool = False,
@@ -249,7 +223,7 @@ class GradientStore:
             model: the model, as for ``extractor.per_group``; its weights must be those the store
                 was written with.
             rollouts: the pool's rollouts (resuming: the same rollouts as the interrupted run).
-            objective: the GRPO loss; default ``GRPOObjective()``.
+            objective: the loss; default ``GRPOObjective()``.
             chunk_groups: groups per committed chunk, rounded up to whole packs of the
                 extractor (an interruption loses at most one chunk); it never changes the stored
                 numbers.
@@ -270,15 +244,16 @@ class GradientStore:
                 f"{call}: rollouts must be a gradalign.Rollouts, got {type(rollouts).__name__}"
             )
         objective = GRPOObjective() if objective is None else objective
+        prepared = prepare_weights(call, objective, rollouts)  # once, for the whole pool
         with writer_lock(self.path, call):
             self._reload()  # another writer may have committed since this object was opened
             self._check_fingerprint(extractor, objective, model)
             digests = group_digests(rollouts)
             self._check_content(digests)
-            chunks = self._todo(extractor, rollouts, objective, chunk_groups)
+            chunks = self._todo(extractor, rollouts, prepared, chunk_groups)
             for ids in chunks:
-                sub, pinned = _pin(objective, rollouts, ids)
-                parts = extractor.iter_groups(model, sub, pinned, progress=progress)
+                sub, weights = _chunk(prepared, rollouts, ids)
+                parts = extractor.iter_groups(model, sub, weights, progress=progress)
                 self._commit(parts, digests)
         return sum(len(c) for c in chunks)
 
@@ -286,7 +261,7 @@ class GradientStore:
         self,
         extractor: GradientExtractor,
         rollouts: Rollouts,
-        objective: GRPOObjective,
+        prepared: TokenWeights,
         chunk_groups: int,
     ) -> list[torch.Tensor]:
         """The groups not stored yet, in chunks of whole extractor packs (>= chunk_groups groups).
@@ -298,7 +273,7 @@ class GradientStore:
         done = torch.tensor(self._index["group_ids"], dtype=torch.long)
         unique = rollouts.unique_groups.cpu()
         chunks, current, size, start = [], [], 0, 0
-        for n in extractor.group_packs(rollouts, objective):
+        for n in extractor.group_packs(rollouts, prepared):
             ids = unique[start : start + n]
             start += n
             ids = ids[~torch.isin(ids, done)]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gradalign.errors import GradAlignError
-from gradalign.objective import GRPOObjective
+from gradalign.objective import Objective, TokenWeights
 from gradalign.rollouts import Rollouts
 
 __all__ = ["GradientExtractor", "GroupGradients", "Segment", "extraction_mode"]
@@ -224,7 +224,7 @@ class GradientExtractor(ABC):
         self,
         model: nn.Module,
         rollouts: Rollouts,
-        objective: GRPOObjective | None = None,
+        objective: Objective | TokenWeights | None = None,
         *,
         progress: bool = False,
     ) -> GroupGradients:
@@ -233,14 +233,17 @@ class GradientExtractor(ABC):
         Args:
             model: a causal LM (transformers or peft) returning logits.
             rollouts: the rollouts to differentiate.
-            objective: the GRPO loss; default ``GRPOObjective()``.
+            objective: the loss (default ``GRPOObjective()``), or its weights already prepared for
+                ``rollouts`` (:class:`~gradalign.objective.TokenWeights`).
             progress: show a progress bar.
         """
         return GroupGradients.concat(
             self.iter_groups(model, rollouts, objective, progress=progress)
         )
 
-    def group_packs(self, rollouts: Rollouts, objective: GRPOObjective | None = None) -> list[int]:
+    def group_packs(
+        self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None
+    ) -> list[int]:
         """How many consecutive groups (ascending ids) share each pass of this extractor.
 
         A group's result depends only on the groups of its pack, so extracting any union of whole
@@ -255,7 +258,7 @@ class GradientExtractor(ABC):
         self,
         model: nn.Module,
         rollouts: Rollouts,
-        objective: GRPOObjective | None = None,
+        objective: Objective | TokenWeights | None = None,
         *,
         progress: bool = False,
     ) -> Iterator[GroupGradients]:

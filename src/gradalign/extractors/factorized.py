@@ -50,7 +50,7 @@ from gradalign.extractors.base import (
     pack_groups,
     packs_of_rows,
 )
-from gradalign.objective import GRPOObjective
+from gradalign.objective import Objective, TokenWeights, prepare_weights
 from gradalign.projection import KINDS, projection_block
 from gradalign.rollouts import Rollouts, micro_batch_width
 
@@ -274,7 +274,7 @@ class _Job:
 
     model: nn.Module
     rollouts: Rollouts
-    objective: GRPOObjective
+    prepared: TokenWeights
     weights: torch.Tensor | None  # (S, T) token weights, when they do not depend on log-probs
     max_logits_elements: int
     share_prompts: bool
@@ -300,8 +300,8 @@ def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torc
         )  # (S', W)
         recorder.recording = False
         if weights is None:
-            w = job.objective.token_weights(
-                rollouts, logp.detach().to(rollouts.device), rows=rows, width=width
+            w = job.prepared.token_weights(
+                logp.detach().to(rollouts.device), rows=rows, width=width
             )  # (S', W)
         else:
             w = weights[rows, :width]  # (S', W)
@@ -317,20 +317,22 @@ def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torc
 
 
 def _active_rows(
-    rollouts: Rollouts, objective: GRPOObjective
+    prepared: TokenWeights,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(S, T) token weights (None when they need log-probs) and (S,) rows that run at all.
 
     Rows with all-zero weights (zero-spread groups) add nothing: their forward is skipped.
     """
-    weights = None if objective.needs_logprobs(rollouts) else objective.token_weights(rollouts)
-    active = torch.ones(len(rollouts), dtype=torch.bool) if weights is None else weights.any(1)
+    weights = None if prepared.needs_logprobs else prepared.token_weights()
+    active = torch.ones(len(prepared), dtype=torch.bool) if weights is None else weights.any(1)
     return weights, active
 
 
-def factorized_packs(rollouts: Rollouts, objective: GRPOObjective, batch_size: int) -> list[int]:
+def factorized_packs(
+    rollouts: Rollouts, objective: Objective | TokenWeights | None, batch_size: int
+) -> list[int]:
     """The group packs :func:`factorized_chunks` runs together (see ``group_packs``)."""
-    _, active = _active_rows(rollouts, objective)
+    _, active = _active_rows(prepare_weights("group_packs", objective, rollouts))
     rows = torch.cat(group_rows(rollouts))
     rows = rows[active[rows].to(rows.device)]
     return packs_of_rows(rollouts.group_index[rows].cpu(), batch_size, rollouts.num_groups)
@@ -340,7 +342,7 @@ def factorized_chunks(
     model: nn.Module,
     named: list[tuple[str, nn.Module]],
     rollouts: Rollouts,
-    objective: GRPOObjective,
+    objective: Objective | TokenWeights | None,
     *,
     dims: tuple[int | None, int | None] = (None, None),
     kind: str = "gaussian",
@@ -358,7 +360,7 @@ def factorized_chunks(
         named: (segment name, linear module) pairs; the name also keys the projections.
         model: the model (its hooks and state are restored before each chunk is yielded).
         rollouts: the rollouts to differentiate.
-        objective: the GRPO loss.
+        objective: the loss, or its weights prepared for ``rollouts``.
         dims: (K_in, K_out); None leaves that side unprojected.
         kind: projection kind, as in :class:`FactorizedGradient`.
         seed: projection seed.
@@ -378,9 +380,10 @@ def factorized_chunks(
     split = _split_model(model)
     head = {id(m) for m in split[1].modules()} if split is not None else set()
     chunk = group_chunk or max(1, _CHUNK_BYTES // (4 * dim))
-    weights, active = _active_rows(rollouts, objective)
-    job = _Job(model, rollouts, objective, weights, max_logits_elements, share_prompts, call)
-    zero_spread = objective.zero_spread(rollouts).cpu()
+    prepared = prepare_weights(call, objective, rollouts)
+    weights, active = _active_rows(prepared)
+    job = _Job(model, rollouts, prepared, weights, max_logits_elements, share_prompts, call)
+    zero_spread = prepared.zero_spread(rollouts).cpu()
     tokens = rollouts.group_token_counts().cpu()
     sizes = rollouts.group_sizes().cpu()
     by_group = group_rows(rollouts)
@@ -485,14 +488,16 @@ class FactorizedGradient(GradientExtractor):
         check_settings(self)
         self.exact = self.dim_in is None and self.dim_out is None
 
-    def group_packs(self, rollouts: Rollouts, objective: GRPOObjective | None = None) -> list[int]:
-        return factorized_packs(rollouts, objective or GRPOObjective(), self.batch_size)
+    def group_packs(
+        self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None
+    ) -> list[int]:
+        return factorized_packs(rollouts, objective, self.batch_size)
 
     def iter_groups(
         self,
         model: nn.Module,
         rollouts: Rollouts,
-        objective: GRPOObjective | None = None,
+        objective: Objective | TokenWeights | None = None,
         *,
         progress: bool = False,
     ) -> Iterator[GroupGradients]:
@@ -503,7 +508,7 @@ class FactorizedGradient(GradientExtractor):
             model,
             named,
             rollouts,
-            GRPOObjective() if objective is None else objective,
+            objective,
             dims=(self.dim_in, self.dim_out),
             kind=self.kind,
             seed=self.seed,

@@ -31,7 +31,7 @@ from gradalign.extractors.base import (
     group_rows,
     model_device,
 )
-from gradalign.objective import GRPOObjective
+from gradalign.objective import Objective, TokenWeights, prepare_weights
 from gradalign.projection import KINDS, project
 from gradalign.rollouts import Rollouts, micro_batch_width
 
@@ -43,7 +43,7 @@ _CHUNK_BYTES = 2**30  # float32 bytes of group gradients held before a chunk is 
 def _group_gradient(
     model: nn.Module,
     rollouts: Rollouts,
-    objective: GRPOObjective,
+    prepared: TokenWeights,
     rows: torch.Tensor,
     params: list[nn.Parameter],
     out: list[torch.Tensor],
@@ -54,11 +54,11 @@ def _group_gradient(
 ) -> None:
     """Add one group's float32 loss gradient w.r.t. ``params`` into ``out`` (zeroed views)."""
     device = model_device(model)
-    needs_logprobs = objective.needs_logprobs(rollouts)
+    needs_logprobs = prepared.needs_logprobs
     for mb in rows.split(batch_size):
         width = micro_batch_width(rollouts.attention_mask[mb])
         if not needs_logprobs:
-            weights = objective.token_weights(rollouts, rows=mb, width=width)  # (S', W)
+            weights = prepared.token_weights(rows=mb, width=width)  # (S', W)
             if not bool(weights.any()):
                 continue  # zero-spread rows contribute exactly nothing
         # Extraction differentiates even when the caller runs under torch.no_grad().
@@ -73,8 +73,8 @@ def _group_gradient(
                 share_keys=torch.zeros(len(mb), dtype=torch.long) if share_prompts else None,
             )  # (S', W)
             if needs_logprobs:
-                weights = objective.token_weights(
-                    rollouts, logp.detach().to(rollouts.device), rows=mb, width=width
+                weights = prepared.token_weights(
+                    logp.detach().to(rollouts.device), rows=mb, width=width
                 )
             loss = -(weights.to(logp.device) * logp).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -160,21 +160,21 @@ class FullGradient(GradientExtractor):
         self,
         model: nn.Module,
         rollouts: Rollouts,
-        objective: GRPOObjective | None = None,
+        objective: Objective | TokenWeights | None = None,
         *,
         progress: bool = False,
     ) -> Iterator[GroupGradients]:
         call = f"{type(self).__name__}.per_group"
         self._check_inputs(call, model, rollouts)
-        objective = GRPOObjective() if objective is None else objective
         named = target_parameters(model, self.target_modules, call=call)
-        return self._chunks(model, rollouts, objective, named, progress)
+        prepared = prepare_weights(call, objective, rollouts)
+        return self._chunks(model, rollouts, prepared, named, progress)
 
     def _chunks(
         self,
         model: nn.Module,
         rollouts: Rollouts,
-        objective: GRPOObjective,
+        prepared: TokenWeights,
         named: list[tuple[str, nn.Parameter]],
         progress: bool,
     ) -> Iterator[GroupGradients]:
@@ -186,7 +186,7 @@ class FullGradient(GradientExtractor):
         params = [p for _, p in named]
         segments, dim = self._segments(named), self._row_dim(named)
         chunk = self.group_chunk or max(1, _CHUNK_BYTES // (4 * max(1, dim)))
-        zero_spread = objective.zero_spread(rollouts).cpu()
+        zero_spread = prepared.zero_spread(rollouts).cpu()
         tokens, sizes = rollouts.group_token_counts().cpu(), rollouts.group_sizes().cpu()
         all_rows = group_rows(rollouts)
         counter = GroupCounter(enabled=progress, total=len(all_rows), desc=type(self).__name__)
@@ -207,7 +207,7 @@ class FullGradient(GradientExtractor):
                         _group_gradient(
                             model,
                             rollouts,
-                            objective,
+                            prepared,
                             all_rows[g],
                             params,
                             views,

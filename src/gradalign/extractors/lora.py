@@ -22,7 +22,7 @@ from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor, GroupGradients
 from gradalign.extractors.factorized import check_settings, factorized_chunks, factorized_packs
-from gradalign.objective import GRPOObjective
+from gradalign.objective import Objective, TokenWeights
 from gradalign.projection import project
 from gradalign.rollouts import Rollouts
 
@@ -141,14 +141,16 @@ class LoRAGradient(GradientExtractor):
         check_settings(self)
         self.exact = self.dim is None
 
-    def group_packs(self, rollouts: Rollouts, objective: GRPOObjective | None = None) -> list[int]:
-        return factorized_packs(rollouts, objective or GRPOObjective(), self.batch_size)
+    def group_packs(
+        self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None
+    ) -> list[int]:
+        return factorized_packs(rollouts, objective, self.batch_size)
 
     def iter_groups(
         self,
         model: nn.Module,
         rollouts: Rollouts,
-        objective: GRPOObjective | None = None,
+        objective: Objective | TokenWeights | None = None,
         *,
         progress: bool = False,
     ) -> Iterator[GroupGradients]:
@@ -159,7 +161,7 @@ class LoRAGradient(GradientExtractor):
             model,
             named,
             rollouts,
-            GRPOObjective() if objective is None else objective,
+            objective,
             batch_size=self.batch_size,
             group_chunk=self.group_chunk,
             max_logits_elements=self.max_logits_elements,

@@ -514,7 +514,18 @@ class GradAlignSampler(_SamplerBase):
             raise GradAlignError(
                 "GradAlignSampler.score_and_select: no round started; call next_candidates() first"
             )
-        sel = self.selector.select(model, candidates, validation, tasks=tasks, progress=progress)
+        driver = self.selector.driver()
+        if driver is not None:  # each rank passes its shard (None for none)
+            sel = driver.select(model, candidates, validation, tasks=tasks, progress=progress)
+        elif candidates is None or validation is None:
+            raise GradAlignError(
+                "GradAlignSampler.score_and_select: candidates and validation rollouts are needed "
+                "(None is only for a rank without a shard, with torch.distributed initialized)"
+            )
+        else:
+            sel = self.selector.select(
+                model, candidates, validation, tasks=tasks, progress=progress
+            )
         self.record(sel)
         return sel
 
