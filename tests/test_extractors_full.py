@@ -201,3 +201,18 @@ def test_bad_settings_raise() -> None:
         RandomProjectedGradient(dim=0)
     with pytest.raises(GradAlignError, match=r"rollouts must be a gradalign\.Rollouts"):
         FullGradient().per_group(torch.nn.Linear(2, 2), "rollouts")  # type: ignore[arg-type]
+
+
+def test_projection_is_composed_not_subclassed(qwen: torch.nn.Module) -> None:
+    from gradalign.projection import DEFAULT_KIND, Projector
+
+    ro = make_rollouts(vocab=qwen.config.vocab_size, groups=GROUPS, rewards=REWARDS)
+    proj = Projector(dim=64, kind="rademacher", seed=7)
+    composed = FullGradient(projection=proj).per_group(qwen, ro).grads
+    alias = RandomProjectedGradient(dim=64, kind="rademacher", seed=7)
+    assert (alias.dim, alias.kind, alias.seed) == (64, "rademacher", 7)
+    assert alias.projection == proj
+    torch.testing.assert_close(alias.per_group(qwen, ro).grads, composed)
+    assert RandomProjectedGradient().kind == DEFAULT_KIND == Projector(dim=2).kind
+    with pytest.raises(GradAlignError, match="projection must be a gradalign.projection.Projector"):
+        FullGradient(projection=64)  # type: ignore[arg-type]

@@ -73,7 +73,7 @@ def test_projected_lora_gradients(peft_qwen: nn.Module) -> None:
         for s in exact.segments
     )
     torch.testing.assert_close(out.grads, expected, rtol=1e-4, atol=1e-6)
-    assert out.segments == () and not LoRAGradient(dim=32).exact
+    assert out.segments == ()
 
 
 def test_adapter_selection(qwen: nn.Module) -> None:
@@ -104,3 +104,14 @@ def test_clear_errors(qwen: nn.Module) -> None:
         LoRAGradient().per_group(merged, ro)
     with pytest.raises(GradAlignError, match="dim must be an int >= 1 or None, got 0"):
         LoRAGradient(dim=0)
+
+
+def test_lora_projection_is_the_same_projector(peft_qwen: nn.Module) -> None:
+    from gradalign.projection import Projector
+
+    ro = make_rollouts(vocab=peft_qwen.config.vocab_size, groups=GROUPS, rewards=REWARDS)
+    by_dim = LoRAGradient(dim=32, kind="gaussian", seed=3).per_group(peft_qwen, ro).grads
+    proj = Projector(dim=32, kind="gaussian", seed=3)
+    torch.testing.assert_close(LoRAGradient(projection=proj).per_group(peft_qwen, ro).grads, by_dim)
+    with pytest.raises(GradAlignError, match="give projection or dim, not both"):
+        LoRAGradient(dim=4, projection=proj)

@@ -24,6 +24,9 @@ from gradalign.errors import GradAlignError
 from gradalign.objective import Objective, TokenWeights
 from gradalign.rollouts import Rollouts
 
+DEFAULT_BATCH_SIZE = 16
+"""Sequences per forward/backward of every extractor unless told."""
+
 __all__ = ["GradientExtractor", "GroupGradients", "Segment", "extraction_mode"]
 
 
@@ -216,9 +219,6 @@ class GradientExtractor(ABC):
     Subclasses implement :meth:`iter_groups`, which yields :class:`GroupGradients` over chunks of
     groups so that callers can stream a pool without holding every gradient at once.
     """
-
-    #: whether scores from this extractor are exact (no projection)
-    exact: bool = True
 
     def per_group(
         self,

@@ -13,7 +13,7 @@ Sequences are independent, so one backward over a micro-batch of many groups giv
 gradient. All parameters are frozen during extraction, which skips every weight-gradient GEMM;
 gradient flows from the input embeddings' output, made a leaf that requires grad.
 
-Projection matrices are rows of :func:`gradalign.projection.projection_block` keyed by
+Projection matrices are rows of a :class:`gradalign.projection.Projector` keyed by
 ``(seed, module name, side="in"|"out")``, built once per call and never stored.
 
 Shape glossary: S sequences, T tokens, G groups, D gradient dimension, K projection dimension,
@@ -40,6 +40,7 @@ from gradalign._modules import TargetModules, check_target_modules, match_module
 from gradalign._validate import check_choice, check_int, check_seed
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
+    DEFAULT_BATCH_SIZE,
     GradientExtractor,
     GroupCounter,
     GroupGradients,
@@ -51,7 +52,7 @@ from gradalign.extractors.base import (
     packs_of_rows,
 )
 from gradalign.objective import Objective, TokenWeights, prepare_weights
-from gradalign.projection import KINDS, projection_block
+from gradalign.projection import DEFAULT_KIND, KINDS, Projector
 from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FactorizedGradient", "check_settings", "factorized_chunks", "factorized_packs"]
@@ -110,17 +111,12 @@ def _build_sites(
     sites, segments, start = [], [], 0
     for name, module in named:
         site = _make_site(name, module, call)
-        block = functools.partial(
-            projection_block,
-            kind=kind,
-            seed=seed,
-            name=name,
-            start=0,
-            device=next(module.parameters()).device,
-        )
+        device = next(module.parameters()).device
         for side, k, d in (("in", dims[0], site.d_in), ("out", dims[1], site.d_out)):
             if k is not None:
-                setattr(site, f"r_{side}", block(dim=k, stop=d, side=side))  # (d, K)
+                projector = Projector(dim=k, kind=kind, seed=seed)
+                r = projector.block(name=name, start=0, stop=d, side=side, device=device)
+                setattr(site, f"r_{side}", r)  # (d, K)
         site.start = start
         start += site.size
         segments.append(Segment(name, site.start, start))
@@ -345,9 +341,9 @@ def factorized_chunks(
     objective: Objective | TokenWeights | None,
     *,
     dims: tuple[int | None, int | None] = (None, None),
-    kind: str = "gaussian",
+    kind: str = DEFAULT_KIND,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     group_chunk: int | None = None,
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
     share_prompts: bool = False,
@@ -445,7 +441,7 @@ class FactorizedGradient(GradientExtractor):
     Args:
         dim_in: K_in, projection of each layer's input side; None for none.
         dim_out: K_out, projection of each layer's output side; None for none.
-        kind: projection kind, one of ``gradalign.projection.KINDS`` (default "gaussian").
+        kind: projection kind, one of ``gradalign.projection.KINDS`` (default "sjlt").
         seed: projection seed; matrices are regenerated from (seed, module name, side).
         target_modules: peft-style selection of linear layers (None: every nn.Linear and
             transformers Conv1D, the output head included; "all-linear" leaves the head out).
@@ -472,10 +468,10 @@ class FactorizedGradient(GradientExtractor):
 
     dim_in: int | None = 16
     dim_out: int | None = 16
-    kind: str = "gaussian"
+    kind: str = DEFAULT_KIND
     seed: int = 0
     target_modules: TargetModules = None
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
     share_prompts: bool = False
@@ -486,7 +482,6 @@ class FactorizedGradient(GradientExtractor):
             check_int(name, what, getattr(self, what), 1, allow_none=True)
         check_target_modules(name, self.target_modules)
         check_settings(self)
-        self.exact = self.dim_in is None and self.dim_out is None
 
     def group_packs(
         self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None

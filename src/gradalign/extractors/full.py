@@ -20,9 +20,10 @@ from torch import nn
 
 from gradalign._forward import DEFAULT_LOGITS_ELEMENTS, response_logprobs
 from gradalign._modules import TargetModules, check_target_modules, target_parameters
-from gradalign._validate import check_choice, check_int, check_seed
+from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
+    DEFAULT_BATCH_SIZE,
     GradientExtractor,
     GroupCounter,
     GroupGradients,
@@ -32,7 +33,7 @@ from gradalign.extractors.base import (
     model_device,
 )
 from gradalign.objective import Objective, TokenWeights, prepare_weights
-from gradalign.projection import KINDS, project
+from gradalign.projection import DEFAULT_KIND, Projector
 from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FullGradient", "RandomProjectedGradient"]
@@ -97,6 +98,8 @@ class FullGradient(GradientExtractor):
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
         preconditioner: optional parameter name -> scale (e.g. :class:`AdamPreconditioner`) that
             multiplies each parameter's gradient before it is reduced or projected.
+        projection: a :class:`~gradalign.projection.Projector`: each group's gradient is projected
+            to K as soon as it is computed (rows are (K,)); None keeps exact rows.
         share_prompts: run the group's prompt once per micro-batch and reuse its key/value cache
             for every rollout (the same numbers up to float rounding; see
             :class:`~gradalign.extractors.factorized.FactorizedGradient`).
@@ -110,14 +113,20 @@ class FullGradient(GradientExtractor):
     """
 
     target_modules: TargetModules = None
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
     preconditioner: Mapping[str, torch.Tensor] | None = None
     share_prompts: bool = False
+    projection: Projector | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        if self.projection is not None and not isinstance(self.projection, Projector):
+            raise GradAlignError(
+                f"{name}: projection must be a gradalign.projection.Projector or None, got "
+                f"{type(self.projection).__name__}"
+            )
         check_target_modules(name, self.target_modules)
         check_int(name, "batch_size", self.batch_size, 1)
         check_int(name, "group_chunk", self.group_chunk, 1, allow_none=True)
@@ -127,9 +136,6 @@ class FullGradient(GradientExtractor):
                 f"{name}: share_prompts must be a bool, got {self.share_prompts!r}"
             )
 
-    #: whether a row is the projection of the gradient rather than the gradient itself
-    _projected = False
-
     def _segments(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Segment, ...]:
         segments, start = [], 0
         for name, p in named:
@@ -138,8 +144,10 @@ class FullGradient(GradientExtractor):
         return tuple(segments)
 
     def _row_dim(self, named: list[tuple[str, nn.Parameter]]) -> int:
-        """D of a yielded row."""
-        return sum(p.numel() for _, p in named)
+        """D of a yielded row: K when projected, else the number of parameters."""
+        return (
+            self.projection.dim if self.projection is not None else sum(p.numel() for _, p in named)
+        )
 
     def _precondition(self, segments: tuple[Segment, ...], flat: torch.Tensor) -> None:
         """Scale one group's flat gradient in place, parameter by parameter."""
@@ -153,8 +161,13 @@ class FullGradient(GradientExtractor):
     def _project_into(
         self, segments: tuple[Segment, ...], flat: torch.Tensor, row: torch.Tensor
     ) -> None:
-        """Write the row of a projected extractor from one group's full gradient ``flat``."""
-        raise NotImplementedError
+        """Project one group's full gradient as soon as it exists, parameter by parameter.
+
+        Only the (G, K) rows and one group's full gradient are ever held, however large the pool.
+        """
+        assert self.projection is not None
+        for seg in segments:
+            row += self.projection(flat[seg.start : seg.stop][None], name=seg.name)[0]  # (K,)
 
     def iter_groups(
         self,
@@ -192,7 +205,7 @@ class FullGradient(GradientExtractor):
         counter = GroupCounter(enabled=progress, total=len(all_rows), desc=type(self).__name__)
         device = model_device(model)
         # A projected row needs one group's full gradient as scratch; an exact row is that itself.
-        scratch = torch.zeros(segments[-1].stop, device=device) if self._projected else None
+        scratch = None if self.projection is None else torch.zeros(segments[-1].stop, device=device)
         try:
             for lo in range(0, len(all_rows), chunk):
                 hi = min(len(all_rows), lo + chunk)
@@ -225,7 +238,7 @@ class FullGradient(GradientExtractor):
                     num_sequences=sizes[lo:hi],
                     num_tokens=tokens[lo:hi],
                     zero_spread=zero_spread[lo:hi],
-                    segments=() if self._projected else segments,
+                    segments=segments if self.projection is None else (),
                 )
         finally:
             counter.close()
@@ -233,7 +246,7 @@ class FullGradient(GradientExtractor):
 
 @dataclass(init=False)
 class RandomProjectedGradient(FullGradient):
-    """Per-group gradients projected to ``dim`` by a seeded random projection.
+    """:class:`FullGradient` with ``projection=Projector(dim, kind, seed)``: a thin alias.
 
     The projection of parameter ``name`` is regenerated block by block from ``(seed, name)``, so no
     dense (D, K) matrix ever sits in memory, and the same seed gives the same numbers whatever the
@@ -242,7 +255,7 @@ class RandomProjectedGradient(FullGradient):
 
     Args:
         dim: K, the projected dimension.
-        kind: "rademacher" (default), "gaussian" or "sjlt" (sparse, fastest on large models).
+        kind: one of ``gradalign.projection.KINDS``; default "sjlt" (sparse, fastest).
         seed: projection seed.
         target_modules: as in :class:`FullGradient`.
         batch_size: as in :class:`FullGradient`.
@@ -250,55 +263,56 @@ class RandomProjectedGradient(FullGradient):
         max_logits_elements: as in :class:`FullGradient`.
         preconditioner: as in :class:`FullGradient`.
         share_prompts: as in :class:`FullGradient`.
+        projection: a :class:`~gradalign.projection.Projector` instead of ``dim``/``kind``/``seed``.
 
     Example:
         >>> out = RandomProjectedGradient(dim=1024, seed=0).per_group(model, rollouts)  # doctest: +SKIP
         >>> out.grads.shape  # (G, 1024)  # doctest: +SKIP
     """
 
-    dim: int = 8192
-    kind: str = "rademacher"
-    seed: int = 0
-    exact = False
-
     def __init__(
         self,
         dim: int = 8192,
-        kind: str = "rademacher",
+        kind: str = DEFAULT_KIND,
         seed: int = 0,
         target_modules: TargetModules = None,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         group_chunk: int | None = None,
         max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
         preconditioner: Mapping[str, torch.Tensor] | None = None,
         share_prompts: bool = False,
+        projection: Projector | None = None,
     ) -> None:
-        self.dim, self.kind, self.seed = dim, kind, seed
-        self.share_prompts = share_prompts
-        self.target_modules, self.batch_size = target_modules, batch_size
-        self.group_chunk, self.max_logits_elements = group_chunk, max_logits_elements
-        self.preconditioner = preconditioner
-        self.__post_init__()
+        if projection is None:
+            projection = Projector(dim=_dim(dim), kind=kind, seed=seed)
+        super().__init__(
+            target_modules=target_modules,
+            batch_size=batch_size,
+            group_chunk=group_chunk,
+            max_logits_elements=max_logits_elements,
+            preconditioner=preconditioner,
+            share_prompts=share_prompts,
+            projection=projection,
+        )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        name = type(self).__name__
-        check_int(name, "dim", self.dim, 1)
-        check_choice(name, "kind", self.kind, KINDS)
-        check_seed(name, self.seed)
+    @property
+    def dim(self) -> int:
+        """K, the projected dimension."""
+        assert self.projection is not None
+        return self.projection.dim
 
-    _projected = True
+    @property
+    def kind(self) -> str:
+        """The projection kind."""
+        assert self.projection is not None
+        return self.projection.kind
 
-    def _row_dim(self, named: list[tuple[str, nn.Parameter]]) -> int:
-        return self.dim
+    @property
+    def seed(self) -> int:
+        """The projection seed."""
+        assert self.projection is not None
+        return self.projection.seed
 
-    def _project_into(
-        self, segments: tuple[Segment, ...], flat: torch.Tensor, row: torch.Tensor
-    ) -> None:
-        """Project one group's full gradient as soon as it exists, parameter by parameter.
 
-        Only the (G, K) rows and one group's full gradient are ever held, however large the pool.
-        """
-        for seg in segments:
-            part = flat[seg.start : seg.stop][None]  # (1, n_i)
-            row += project(part, kind=self.kind, dim=self.dim, seed=self.seed, name=seg.name)[0]
+def _dim(dim: object) -> int:
+    return int(check_int("RandomProjectedGradient", "dim", dim, 1))

@@ -20,10 +20,10 @@ from torch import nn
 from gradalign._forward import DEFAULT_LOGITS_ELEMENTS
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
-from gradalign.extractors.base import GradientExtractor, GroupGradients
+from gradalign.extractors.base import DEFAULT_BATCH_SIZE, GradientExtractor, GroupGradients
 from gradalign.extractors.factorized import check_settings, factorized_chunks, factorized_packs
 from gradalign.objective import Objective, TokenWeights
-from gradalign.projection import project
+from gradalign.projection import DEFAULT_KIND, Projector
 from gradalign.rollouts import Rollouts
 
 __all__ = ["LoRAGradient", "lora_modules"]
@@ -109,7 +109,8 @@ class LoRAGradient(GradientExtractor):
         dim: None for the exact gradients (one segment per ``lora_A``/``lora_B`` weight, named like
             ``model.named_parameters()``); an int K projects them to K dimensions with the seeded
             projection of :class:`~gradalign.extractors.full.RandomProjectedGradient`.
-        kind: projection kind when ``dim`` is set (one of ``gradalign.projection.KINDS``).
+        kind: projection kind when ``dim`` is set (one of ``gradalign.projection.KINDS``; default
+            "sjlt").
         seed: projection seed.
         adapter_name: differentiate only this adapter; None takes every active adapter.
         batch_size: sequences per forward/backward (many groups share one pass).
@@ -117,6 +118,8 @@ class LoRAGradient(GradientExtractor):
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
         share_prompts: run a group's prompt once per micro-batch, as in
             :class:`~gradalign.extractors.factorized.FactorizedGradient`.
+        projection: a :class:`~gradalign.projection.Projector` (instead of ``dim``, ``kind`` and
+            ``seed``).
 
     The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode); adapter dropout
     is off during extraction (eval mode).
@@ -127,19 +130,26 @@ class LoRAGradient(GradientExtractor):
     """
 
     dim: int | None = None
-    kind: str = "rademacher"
+    kind: str = DEFAULT_KIND
     seed: int = 0
     adapter_name: str | None = None
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
     share_prompts: bool = False
+    projection: Projector | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_int(name, "dim", self.dim, 1, allow_none=True)
         check_settings(self)
-        self.exact = self.dim is None
+        if self.projection is not None and not isinstance(self.projection, Projector):
+            raise GradAlignError(
+                f"{name}: projection must be a gradalign.projection.Projector or None, got "
+                f"{type(self.projection).__name__}"
+            )
+        if self.projection is not None and self.dim is not None:
+            raise GradAlignError(f"{name}: give projection or dim, not both")
 
     def group_packs(
         self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None
@@ -169,16 +179,21 @@ class LoRAGradient(GradientExtractor):
             call=call,
             progress=progress,
         )
-        dim = self.dim
-        return chunks if dim is None else (self._project(part, dim) for part in chunks)
+        projector = self.projector
+        return chunks if projector is None else (self._project(part, projector) for part in chunks)
 
-    def _project(self, part: GroupGradients, dim: int) -> GroupGradients:
+    @property
+    def projector(self) -> Projector | None:
+        """The projection in use: ``projection``, else one built from ``dim``/``kind``/``seed``."""
+        if self.projection is not None or self.dim is None:
+            return self.projection
+        return Projector(dim=self.dim, kind=self.kind, seed=self.seed)
+
+    def _project(self, part: GroupGradients, projector: Projector) -> GroupGradients:
         """(Gc, D) exact rows -> (Gc, K), summing each weight's own seeded projection."""
-        out = torch.zeros(len(part), dim, dtype=torch.float32)  # (Gc, K)
+        out = torch.zeros(len(part), projector.dim, dtype=torch.float32)  # (Gc, K)
         for seg in part.segments:
-            out += project(
-                part.segment(seg.name), kind=self.kind, dim=dim, seed=self.seed, name=seg.name
-            )
+            out += projector(part.segment(seg.name), name=seg.name)
         return GroupGradients(
             group_ids=part.group_ids,
             grads=out,
