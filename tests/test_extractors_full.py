@@ -214,5 +214,7 @@ def test_projection_is_composed_not_subclassed(qwen: torch.nn.Module) -> None:
     assert alias.projection == proj
     torch.testing.assert_close(alias.per_group(qwen, ro).grads, composed)
     assert RandomProjectedGradient().kind == DEFAULT_KIND == Projector(dim=2).kind
-    with pytest.raises(GradAlignError, match="projection must be a gradalign.projection.Projector"):
+    with pytest.raises(
+        GradAlignError, match=r"projection must be a gradalign\.projection\.Projector"
+    ):
         FullGradient(projection=64)  # type: ignore[arg-type]
