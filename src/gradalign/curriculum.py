@@ -387,6 +387,12 @@ class SelectionSampler(Sampler[int]):
         repeat_count: times each block is served in a row, >= 1.
         batch_size: problems per block, or None for all of the rank's problems.
         initial_ids: (K0,) problem ids served before the first record.
+        endless: serve forever instead of once per ``__iter__`` (for trainers that draw from one
+            iterator for the whole run, like TRL's): every block starts by checking the source,
+            and after a new record the blocks walk the new selection from its start; within one
+            selection the rank's problems are walked in passes, pass p in the order of epoch p,
+            so every selected problem is served once per pass. Needs ``batch_size``; such a
+            sampler has no length.
 
     Raises:
         GradAlignError: bad settings; from ``__iter__`` and ``__len__``, an empty selection.
@@ -414,9 +420,10 @@ class SelectionSampler(Sampler[int]):
         repeat_count: int = 1,
         batch_size: int | None = None,
         initial_ids: torch.Tensor | None = None,
+        endless: bool = False,
     ) -> None:
         super().__init__()
-        where = "SelectionSampler"
+        where = type(self).__name__
         if not isinstance(source, SelectionSource):
             raise GradAlignError(
                 f"{where}: source must have pool_size, num_records and selected_ids(), "
@@ -438,6 +445,16 @@ class SelectionSampler(Sampler[int]):
         if initial_ids is not None:
             self._initial = _ids(where, "initial_ids", initial_ids, source.pool_size)
         self._epoch = 0
+        self._endless = bool(endless)
+        if self._endless and batch_size is None:
+            raise GradAlignError(f"{where}: an endless sampler needs a batch_size, got None")
+        self._stream_version, self._stream_pass = -1, 0
+        self._queue = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Problems per block (None: all of the rank's problems)."""
+        return self._batch_size
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that, with the seed and the selection, fixes the order."""
@@ -460,19 +477,60 @@ class SelectionSampler(Sampler[int]):
         block = self._batch_size or per_rank
         return per_rank, block, -(-per_rank // block)
 
-    def __iter__(self) -> Iterator[int]:
-        ids = self._selection("SelectionSampler.__iter__")  # (K,)
+    def _order(self, epoch: int) -> torch.Tensor:
+        """(P,) this rank's problems of the current selection, in the order of ``epoch``."""
+        ids = self._selection(f"{type(self).__name__}.__iter__")  # (K,)
         if self._shuffle:
             version = self._source.num_records
-            ids = ids[_permutation(len(ids), "sampler", self._seed, version, self._epoch)]
-        per_rank, block, n_blocks = self._sizes(len(ids))
+            ids = ids[_permutation(len(ids), "sampler", self._seed, version, epoch)]
+        per_rank = -(-len(ids) // self._num_replicas)
         padded = ids[torch.arange(per_rank * self._num_replicas) % len(ids)]  # (P * R,)
-        mine = padded[self._rank :: self._num_replicas]  # (P,)
+        return padded[self._rank :: self._num_replicas]  # (P,)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._endless:
+            return self._stream()
+        mine = self._order(self._epoch)  # (P,)
+        per_rank = len(mine)
+        block = self._batch_size or per_rank
+        n_blocks = -(-per_rank // block)
         mine = mine[torch.arange(n_blocks * block) % per_rank].view(n_blocks, 1, block)  # (B, 1, b)
         out = mine.expand(n_blocks, self._repeat_count, block)  # (B, repeat, b)
         out = out.repeat_interleave(self._num_generations, dim=-1)  # (B, repeat, b * G)
         return iter(out.reshape(-1).tolist())
 
     def __len__(self) -> int:
+        if self._endless:
+            raise TypeError(
+                f"{type(self).__name__}: an endless sampler has no length; give the trainer a "
+                "number of steps (max_steps)"
+            )
         _, block, n_blocks = self._sizes(len(self._selection("SelectionSampler.__len__")))
         return n_blocks * block * self._repeat_count * self._num_generations
+
+    def current_ids(self) -> torch.Tensor:
+        """(P,) the problems this rank serves from the next block on, in no particular order."""
+        return self._order(0)
+
+    def next_block(self) -> torch.Tensor:
+        """(batch_size,) the next block of an endless stream; a selection smaller than a block
+        repeats within it."""
+        version = self._source.num_records
+        if version != self._stream_version:
+            self._stream_version, self._stream_pass = version, 0
+            self._queue = self._order(0)
+        parts, need = [], self._batch_size or len(self._queue)
+        while need:
+            if not len(self._queue):
+                self._stream_pass += 1
+                self._queue = self._order(self._stream_pass)
+            parts.append(self._queue[:need])
+            self._queue = self._queue[len(parts[-1]) :]
+            need -= len(parts[-1])
+        return torch.cat(parts)
+
+    def _stream(self) -> Iterator[int]:
+        while True:
+            block = self.next_block()  # (b,)
+            rows = block.repeat_interleave(self._num_generations)  # (b * G,)
+            yield from rows.repeat(self._repeat_count).tolist()  # (repeat * b * G,)

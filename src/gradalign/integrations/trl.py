@@ -57,7 +57,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
@@ -171,8 +170,10 @@ def _check_count(where: str, name: str, value: Any, minimum: int = 1) -> int:
     return int(check_int(where, name, value, minimum))
 
 
-class StreamingSelectionSampler(Sampler[int]):
+class StreamingSelectionSampler(SelectionSampler):
     """Endless indices of the latest selection, in the layout of TRL's ``RepeatSampler``.
+
+    :class:`~gradalign.SelectionSampler` with ``endless=True`` and TRL's argument names.
 
     Problems come in blocks of ``batch_size``; each block is served ``repeat_count`` times in a
     row and each problem ``num_generations`` times consecutively. Every block starts by checking
@@ -221,53 +222,16 @@ class StreamingSelectionSampler(Sampler[int]):
         shuffle: bool = True,
         initial_ids: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        where = "StreamingSelectionSampler"
-        self._num_generations = _check_count(where, "num_generations", num_generations)
-        self._batch_size = _check_count(where, "batch_size", batch_size)
-        self._repeat_count = _check_count(where, "repeat_count", repeat_count)
-        # One pass over the selection; SelectionSampler also validates source, seed, initial_ids.
-        self._pass_sampler = SelectionSampler(
-            source, seed=seed, shuffle=shuffle, initial_ids=initial_ids
+        super().__init__(
+            source,
+            num_generations=num_generations,
+            seed=seed,
+            shuffle=shuffle,
+            repeat_count=repeat_count,
+            batch_size=batch_size,
+            initial_ids=initial_ids,
+            endless=True,
         )
-        self._source = source
-        self._version = -1
-        self._pass = 0
-        self._queue = torch.zeros(0, dtype=torch.long)
-
-    @property
-    def batch_size(self) -> int:
-        """Problems per block."""
-        return self._batch_size
-
-    def _pass_order(self, index: int) -> torch.Tensor:
-        self._pass_sampler.set_epoch(index)
-        return torch.tensor(list(self._pass_sampler), dtype=torch.long)  # (K,)
-
-    def current_ids(self) -> torch.Tensor:
-        """(K,) the problems served from the next block on, in no particular order."""
-        return self._pass_order(0)
-
-    def next_block(self) -> torch.Tensor:
-        """(batch_size,) the next block's problems; a selection smaller than a block repeats."""
-        version = self._source.num_records
-        if version != self._version:
-            self._version, self._pass, self._queue = version, 0, self._pass_order(0)
-        parts, need = [], self._batch_size
-        while need:
-            if not len(self._queue):
-                self._pass += 1
-                self._queue = self._pass_order(self._pass)
-            parts.append(self._queue[:need])
-            self._queue = self._queue[len(parts[-1]) :]
-            need -= len(parts[-1])
-        return torch.cat(parts)
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            block = self.next_block()  # (b,)
-            rows = block.repeat_interleave(self._num_generations)  # (b * G,)
-            yield from rows.repeat(self._repeat_count).tolist()  # (repeat * b * G,)
 
 
 def _without_index(row: dict[str, Any]) -> dict[str, Any]:
