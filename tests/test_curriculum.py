@@ -419,3 +419,26 @@ def test_sampler_errors() -> None:
         iter(sampler)
     with pytest.raises(GradAlignError, match=r"SelectionSampler.__len__: the selection .* empty"):
         len(sampler)
+
+
+def test_observations_join_the_history_and_pass_rates() -> None:
+    cur = Curriculum(pool_size=6, chunk_size=3, seed=0)
+    cur.observe([1, 4], [0.5, 1.0], counts=[4, 2])
+    chunk = cur.next_chunk()
+    cur.record(chunk[:1])
+    cur.observe([1], [0.0], counts=[4])
+    rates = cur.pass_rates()
+    assert rates["count"].tolist() == [0, 8, 0, 0, 2, 0]
+    assert rates["mean"].tolist() == [0.0, 0.25, 0.0, 0.0, 1.0, 0.0]  # (0.5 * 4 + 0 * 4) / 8
+    assert rates["last"][1].item() == 0.0 and rates["last_observation"].tolist()[1] == 1
+    assert cur.history(1)["accuracies"] == [(-1, 0.5), (0, 0.0)]
+    assert cur.num_records == 1 and cur.num_observations == 2
+    assert cur.selected_ids().tolist() == chunk[:1].tolist()  # observations never select
+    again = Curriculum(pool_size=6, chunk_size=3, seed=0)
+    again.load_state_dict(cur.state_dict())
+    assert again.pass_rates()["mean"].tolist() == rates["mean"].tolist()
+    assert again.history(1) == cur.history(1)
+    with pytest.raises(GradAlignError, match=r"Curriculum.observe: counts must be"):
+        cur.observe([2], [0.5], counts=[0])
+    with pytest.raises(GradAlignError, match=r"Curriculum.observe: ids"):
+        cur.observe([9], [0.5])

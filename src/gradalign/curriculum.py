@@ -78,6 +78,79 @@ def _values(where: str, name: str, value: Any, n: int) -> torch.Tensor:
     return values
 
 
+def _is_record(entry: Any) -> bool:
+    """A recorded round (entries of states saved before observations existed have no kind)."""
+    return not isinstance(entry, dict) or entry.get("kind", "record") == "record"
+
+
+@dataclass
+class _Tables:
+    """Per-problem tables replayed from a curriculum's log."""
+
+    seen_count: torch.Tensor  # (N,) int64
+    selected_count: torch.Tensor  # (N,) int64
+    last_round: torch.Tensor  # (N,) int64
+    last: dict[str, torch.Tensor]  # "scores"/"accuracy" -> (N,) float32
+    known: dict[str, torch.Tensor]  # "scores"/"accuracy" -> (N,) bool
+    hist: dict[str, dict[int, list[tuple[int, float]]]]
+    selected_rounds: dict[int, list[int]]
+    obs_count: torch.Tensor  # (N,) int64 rollouts observed
+    obs_sum: torch.Tensor  # (N,) float64 reward sum of observed rollouts
+    obs_last: torch.Tensor  # (N,) float32
+    obs_index: torch.Tensor  # (N,) int64 index of the latest observation, -1: never
+
+    @classmethod
+    def replay(cls, n: int, log: list[dict[str, Any]]) -> _Tables:
+        t = cls(
+            seen_count=torch.zeros(n, dtype=torch.int64),
+            selected_count=torch.zeros(n, dtype=torch.int64),
+            last_round=torch.full((n,), -1, dtype=torch.int64),
+            last={k: torch.zeros(n, dtype=torch.float32) for k in ("scores", "accuracy")},
+            known={k: torch.zeros(n, dtype=torch.bool) for k in ("scores", "accuracy")},
+            hist={"scores": {}, "accuracy": {}},
+            selected_rounds={},
+            obs_count=torch.zeros(n, dtype=torch.int64),
+            obs_sum=torch.zeros(n, dtype=torch.float64),
+            obs_last=torch.zeros(n, dtype=torch.float32),
+            obs_index=torch.full((n,), -1, dtype=torch.int64),
+        )
+        observations = 0
+        for e in log:
+            if _is_record(e):
+                t._add_record(e)
+            else:
+                t._add_observation(e, observations)
+                observations += 1
+        return t
+
+    def _set(self, key: str, r: int, ids: list[int], values: list[float]) -> None:
+        if ids:
+            self.last[key][ids] = torch.tensor(values, dtype=torch.float32)
+            self.known[key][ids] = True
+        for pid, value in zip(ids, values, strict=True):
+            self.hist[key].setdefault(pid, []).append((r, value))
+
+    def _add_record(self, e: dict[str, Any]) -> None:
+        r, seen, selected = e["round"], e["seen"], e["selected"]
+        self.seen_count[seen] += 1
+        self.last_round[seen] = r
+        self.selected_count[selected] += 1
+        for pid in selected:
+            self.selected_rounds.setdefault(pid, []).append(r)
+        for key in ("scores", "accuracy"):
+            self._set(key, r, e[f"{key}_ids"], e[key])
+
+    def _add_observation(self, e: dict[str, Any], index: int) -> None:
+        ids, rates, counts = e["ids"], e["pass_rates"], e["counts"]
+        self._set("accuracy", e["round"], ids, rates)
+        if ids:
+            c = torch.tensor(counts, dtype=torch.int64)
+            self.obs_count[ids] += c
+            self.obs_sum[ids] += torch.tensor(rates, dtype=torch.float64) * c
+            self.obs_last[ids] = torch.tensor(rates, dtype=torch.float32)
+            self.obs_index[ids] = index
+
+
 def _copy_entry(entry: dict[str, Any]) -> dict[str, Any]:
     """Entries hold only ints and flat lists; copying the lists is a (much faster) deep copy."""
     return {k: list(v) if isinstance(v, list) else v for k, v in entry.items()}
@@ -140,14 +213,11 @@ class Curriculum:
         self._round, self._pass = -1, 0
         self._offset = 0  # start of the next chunk in this pass's permutation
         self._perm: tuple[int, torch.Tensor] | None = None  # (pass, permutation) cache
-        self._log: list[dict[str, Any]] = []  # one plain-Python entry per recorded round
-        self._seen_count = torch.zeros(n, dtype=torch.int64)
-        self._selected_count = torch.zeros(n, dtype=torch.int64)
-        self._last_round = torch.full((n,), -1, dtype=torch.int64)
-        self._last = {k: torch.zeros(n, dtype=torch.float32) for k in ("scores", "accuracy")}
-        self._known = {k: torch.zeros(n, dtype=torch.bool) for k in self._last}
-        self._hist: dict[str, dict[int, list[tuple[int, float]]]] = {k: {} for k in self._last}
-        self._selected_rounds: dict[int, list[int]] = {}
+        # The one source of truth: a plain-Python entry per recorded round or observation. Every
+        # table (counts, latest values, histories) is derived from it by _tables().
+        self._log: list[dict[str, Any]] = []
+        self._cache: tuple[int, _Tables] | None = None
+        del n
 
     @property
     def round(self) -> int:
@@ -167,7 +237,15 @@ class Curriculum:
     @property
     def num_records(self) -> int:
         """Recorded rounds so far (:class:`SelectionSampler` reseeds its order when it changes)."""
-        return len(self._log)
+        return sum(1 for e in self._log if _is_record(e))
+
+    @property
+    def num_observations(self) -> int:
+        """Calls of :meth:`observe` so far."""
+        return len(self._log) - self.num_records
+
+    def _records(self) -> list[dict[str, Any]]:
+        return [e for e in self._log if _is_record(e)]
 
     def next_chunk(self) -> torch.Tensor:
         """Start the next round and return its candidates: (<= M,) int64 problem ids."""
@@ -201,9 +279,51 @@ class Curriculum:
         where = "Curriculum.record"
         if self._round < 0:
             raise GradAlignError(f"{where}: no round has started; call next_chunk() first")
-        if self._log and self._log[-1]["round"] == self._round:
+        records = self._records()
+        if records and records[-1]["round"] == self._round:
             raise GradAlignError(f"{where}: round {self._round} is already recorded")
         self._apply(where, self._entry(where, selection, candidates))
+
+    def observe(
+        self,
+        ids: Any,
+        pass_rates: Any,
+        counts: Any = None,
+    ) -> None:
+        """Record pass rates observed outside a selection round, e.g. in a training batch.
+
+        They join each problem's accuracy history (:meth:`history`, :meth:`stats`) and the
+        rollout-weighted means of :meth:`pass_rates`; they never change the selection.
+
+        Args:
+            ids: (n,) problem ids in ``[0, N)``, unique.
+            pass_rates: (n,) mean reward of each problem's rollouts in this observation.
+            counts: (n,) rollouts behind each pass rate (default 1 each).
+
+        Raises:
+            GradAlignError: ids out of range, repeated or not integers; values misshapen or not
+                finite; counts not positive integers.
+        """
+        where = "Curriculum.observe"
+        pids = _ids(where, "ids", ids, self.pool_size)  # (n,)
+        rates = _values(where, "pass_rates", pass_rates, len(pids))  # (n,)
+        if counts is None:
+            n_rollouts = [1] * len(pids)
+        else:
+            raw = _tensor(where, "counts", counts).flatten()
+            if raw.shape != pids.shape or raw.is_floating_point() or bool((raw < 1).any()):
+                raise GradAlignError(
+                    f"{where}: counts must be ({len(pids)},) integers >= 1, got {raw.tolist()[:10]}"
+                )
+            n_rollouts = raw.tolist()
+        entry = {
+            "kind": "observe",
+            "round": self._round,
+            "ids": pids.tolist(),
+            "pass_rates": rates.tolist(),
+            "counts": n_rollouts,
+        }
+        self._apply(where, entry)
 
     def _entry(self, where: str, selection: Any, candidates: Any) -> dict[str, Any]:
         """Validate a selection and flatten it to the plain-Python entry kept in the state."""
@@ -238,44 +358,61 @@ class Curriculum:
         }
 
     def _apply(self, where: str, entry: dict[str, Any]) -> None:
-        """Add one entry to the tables; it is validated here too because state may be hand-made."""
-        r, n = entry["round"], self.pool_size
-        seen = _ids(where, "seen", entry["seen"], n)
-        selected = _ids(where, "selected", entry["selected"], n)
-        self._seen_count[seen] += 1
-        self._last_round[seen] = r
-        self._selected_count[selected] += 1
-        for pid in selected.tolist():
-            self._selected_rounds.setdefault(pid, []).append(r)
-        for key, last in self._last.items():
-            ids = _ids(where, f"{key}_ids", entry[f"{key}_ids"], n)
-            values = _values(where, key, entry[key], len(ids))
-            last[ids] = values
-            self._known[key][ids] = True
-            for pid, value in zip(ids.tolist(), values.tolist(), strict=True):
-                self._hist[key].setdefault(pid, []).append((r, value))
+        """Validate an entry (state may be hand-made) and append it to the log."""
+        n = self.pool_size
+        if _is_record(entry):
+            _ids(where, "seen", entry["seen"], n)
+            _ids(where, "selected", entry["selected"], n)
+            for key in ("scores", "accuracy"):
+                ids = _ids(where, f"{key}_ids", entry[f"{key}_ids"], n)
+                _values(where, key, entry[key], len(ids))
+        else:
+            ids = _ids(where, "ids", entry["ids"], n)
+            _values(where, "pass_rates", entry["pass_rates"], len(ids))
+            if len(entry["counts"]) != len(ids):
+                raise GradAlignError(f"{where}: counts must have one entry per id")
         self._log.append(entry)
+
+    def _tables(self) -> _Tables:
+        """Every per-problem table, replayed from the log (cached until the log grows)."""
+        if self._cache is None or self._cache[0] != len(self._log):
+            self._cache = (len(self._log), _Tables.replay(self.pool_size, self._log))
+        return self._cache[1]
 
     def selected_ids(self) -> torch.Tensor:
         """The latest recorded selection, (K,) int64 in rank order; empty before any record."""
-        return torch.tensor(self._log[-1]["selected"] if self._log else [], dtype=torch.int64)
+        records = self._records()
+        return torch.tensor(records[-1]["selected"] if records else [], dtype=torch.int64)
 
     def times_selected(self) -> torch.Tensor:
         """(N,) int64: how many recorded rounds selected each problem."""
-        return self._selected_count.clone()
+        return self._tables().selected_count.clone()
 
     def stats(self) -> ProblemStats:
         """A copy of the per-problem table; every field is (N,)."""
+        t = self._tables()
         return ProblemStats(
-            seen=self._seen_count > 0,
-            seen_count=self._seen_count.clone(),
-            selected_count=self._selected_count.clone(),
-            last_round=self._last_round.clone(),
-            last_score=self._last["scores"].clone(),
-            has_score=self._known["scores"].clone(),
-            last_accuracy=self._last["accuracy"].clone(),
-            has_accuracy=self._known["accuracy"].clone(),
+            seen=t.seen_count > 0,
+            seen_count=t.seen_count.clone(),
+            selected_count=t.selected_count.clone(),
+            last_round=t.last_round.clone(),
+            last_score=t.last["scores"].clone(),
+            has_score=t.known["scores"].clone(),
+            last_accuracy=t.last["accuracy"].clone(),
+            has_accuracy=t.known["accuracy"].clone(),
         )
+
+    def pass_rates(self) -> dict[str, torch.Tensor]:
+        """(N,) per problem, from :meth:`observe`: ``count`` of rollouts, their ``mean`` reward,
+        the ``last`` observed pass rate and ``last_observation`` (its index; -1: never)."""
+        t = self._tables()
+        mean = torch.where(t.obs_count > 0, t.obs_sum / t.obs_count.clamp_min(1), 0.0)
+        return {
+            "count": t.obs_count.clone(),
+            "mean": mean.float(),
+            "last": t.obs_last.clone(),
+            "last_observation": t.obs_index.clone(),
+        }
 
     def history(self, problem_id: int) -> dict[str, Any]:
         """Everything recorded about one problem, as plain Python.
@@ -288,13 +425,14 @@ class Curriculum:
         pid = _check_int("Curriculum.history", "problem_id", problem_id, minimum=0)
         if pid >= self.pool_size:
             raise GradAlignError(f"Curriculum.history: problem_id must be < N, got {pid}")
-        scores = list(self._hist["scores"].get(pid, []))
-        accuracies = list(self._hist["accuracy"].get(pid, []))
+        t = self._tables()
+        scores = list(t.hist["scores"].get(pid, []))
+        accuracies = list(t.hist["accuracy"].get(pid, []))
         return {
-            "seen_count": int(self._seen_count[pid]),
-            "last_round": int(self._last_round[pid]),
-            "selected_count": int(self._selected_count[pid]),
-            "selected_rounds": list(self._selected_rounds.get(pid, [])),
+            "seen_count": int(t.seen_count[pid]),
+            "last_round": int(t.last_round[pid]),
+            "selected_count": int(t.selected_count[pid]),
+            "selected_rounds": list(t.selected_rounds.get(pid, [])),
             "last_score": scores[-1][1] if scores else None,
             "last_accuracy": accuracies[-1][1] if accuracies else None,
             "scores": scores,
@@ -341,8 +479,9 @@ class Curriculum:
             )
         for entry in records:
             r = entry.get("round") if isinstance(entry, dict) else None
-            previous = fresh._log[-1]["round"] if fresh._log else -1
-            if not isinstance(r, int) or not previous < r <= fresh._round:
+            done = fresh._records()
+            low = (done[-1]["round"] + 1) if done and _is_record(entry) else -1
+            if not isinstance(r, int) or not low <= r <= fresh._round:
                 raise GradAlignError(f"{where}: record rounds must rise to {fresh._round}, got {r}")
             try:
                 fresh._apply(f"{where}: records[round={r}]", _copy_entry(entry))

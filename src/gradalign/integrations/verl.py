@@ -415,11 +415,6 @@ class GradAlignSampler(_SamplerBase):
             on_update = _load_callable(where, st.on_update)
         self._on_update = on_update
         self.index_to_position = self._lookup(data_source) if st.index_lookup else None
-        self._count = torch.zeros(n, dtype=torch.int64)  # rollouts seen per problem
-        self._reward_sum = torch.zeros(n, dtype=torch.float64)
-        self._last = torch.zeros(n, dtype=torch.float32)
-        self._last_update = torch.full((n,), -1, dtype=torch.int64)
-        self.num_updates = 0
 
     def _lookup(self, data_source: Any) -> dict[int, int]:
         key, out = self.settings.index_key, {}
@@ -447,18 +442,15 @@ class GradAlignSampler(_SamplerBase):
         """Record each problem's pass rate from a training step's DataProto (rows grouped by uid)."""
         groups = self.group(batch)
         ids, counts, means = groups.problem_pass_rates()
-        bad = ids[(ids < 0) | (ids >= len(self._count))].tolist()
+        n = self.curriculum.pool_size
+        bad = ids[(ids < 0) | (ids >= n)].tolist()
         if bad:
             raise GradAlignError(
-                f"GradAlignSampler.update: dataset indices must be in [0, {len(self._count)}), "
+                f"GradAlignSampler.update: dataset indices must be in [0, {n}), "
                 f"got {bad[:10]}; set data.gradalign.index_lookup=true if extra_info.index is not "
                 "the row position"
             )
-        self._count[ids] += counts
-        self._reward_sum.index_add_(0, ids, means.double() * counts)
-        self._last[ids] = means
-        self._last_update[ids] = self.num_updates
-        self.num_updates += 1
+        self.curriculum.observe(ids, means, counts)
         if self._on_update is not None:
             self._on_update(self, batch)
 
@@ -479,16 +471,18 @@ class GradAlignSampler(_SamplerBase):
         return rollouts_from_dataproto(batch, **kwargs)
 
     @property
+    def num_updates(self) -> int:
+        """Training batches seen by :meth:`update`."""
+        return self.curriculum.num_observations
+
+    @property
     def pass_rates(self) -> dict[str, torch.Tensor]:
         """(N,) per problem: ``count`` of rollouts seen in updates, ``mean`` reward over them,
-        ``last`` mean reward of the latest update that saw it and ``last_update`` (-1: never)."""
-        mean = torch.where(self._count > 0, self._reward_sum / self._count.clamp_min(1), 0.0)
-        return {
-            "count": self._count.clone(),
-            "mean": mean.float(),
-            "last": self._last.clone(),
-            "last_update": self._last_update.clone(),
-        }
+        ``last`` mean reward of the latest update that saw it and ``last_update`` (-1: never);
+        the curriculum's :meth:`~gradalign.Curriculum.pass_rates`."""
+        rates = self.curriculum.pass_rates()
+        rates["last_update"] = rates.pop("last_observation")
+        return rates
 
     # GradAlign rounds ----------------------------------------------------------------------------
 
@@ -541,27 +535,14 @@ class GradAlignSampler(_SamplerBase):
     # checkpoints (torchdata's StatefulDataLoader saves these) --------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Curriculum position and history, and the pass-rate table, as plain Python."""
-        return {
-            "curriculum": self.curriculum.state_dict(),
-            "count": self._count.tolist(),
-            "reward_sum": self._reward_sum.tolist(),
-            "last": self._last.tolist(),
-            "last_update": self._last_update.tolist(),
-            "num_updates": self.num_updates,
-        }
+        """The curriculum's position, records and observations, as plain Python."""
+        return {"curriculum": self.curriculum.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`."""
-        n = len(self._count)
-        if len(state.get("count", ())) != n:
+        if not isinstance(state, Mapping) or "curriculum" not in state:
             raise GradAlignError(
-                f"GradAlignSampler.load_state_dict: the state is for a pool of "
-                f"{len(state.get('count', ()))} problems, this sampler has {n}"
+                "GradAlignSampler.load_state_dict: the state must hold 'curriculum', got keys "
+                f"{sorted(state)[:10] if isinstance(state, Mapping) else type(state).__name__}"
             )
         self.curriculum.load_state_dict(state["curriculum"])
-        self._count = torch.tensor(state["count"], dtype=torch.int64)
-        self._reward_sum = torch.tensor(state["reward_sum"], dtype=torch.float64)
-        self._last = torch.tensor(state["last"], dtype=torch.float32)
-        self._last_update = torch.tensor(state["last_update"], dtype=torch.int64)
-        self.num_updates = int(state["num_updates"])
