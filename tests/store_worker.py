@@ -95,7 +95,7 @@ def main() -> None:
             _Paced(None if args.hold is None else tuple(args.hold), stall),
             m,
             pool(args.pool, m.config.vocab_size),
-            chunk_groups=2,
+            group_chunk=2,
         )
         print("ok")
     except GradAlignError as err:

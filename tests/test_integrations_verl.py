@@ -314,3 +314,9 @@ def test_module_imports_without_verl(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "verl.experimental.dataset.sampler", None)
     module = _load_module(str(Path(gverl.__file__)))
     assert module.GradAlignSampler.__mro__[1] is torch.utils.data.Sampler
+
+
+def test_old_score_key_is_deprecated() -> None:
+    with pytest.warns(DeprecationWarning, match="data.gradalign.score is deprecated"):
+        sampler = GradAlignSampler(range(3), {"gradalign": {"score": "inner_product"}})
+    assert sampler.selector.scorer == "inner_product"

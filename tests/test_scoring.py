@@ -44,7 +44,7 @@ def test_scorer_errors() -> None:
         cosine(torch.zeros(4), torch.zeros(4))
     with pytest.raises(GradAlignError, match="grads contains NaN"):
         inner_product(torch.tensor([[float("nan"), 1.0]]), torch.ones(2))
-    with pytest.raises(GradAlignError, match="how must be one of"):
+    with pytest.raises(GradAlignError, match="aggregate must be one of"):
         aggregate_tasks(torch.zeros(2, 2), "median")
 
 
@@ -77,7 +77,7 @@ def test_target_reductions_by_hand() -> None:
     assert per_task.tolist() == [[0.0, 0.0], [2.0, 2.0]]  # labels sorted: code, math
     with pytest.raises(GradAlignError, match="tasks has no entry for validation groups \\[2\\]"):
         build_target(val, tasks={0: "a", 1: "b"})
-    with pytest.raises(GradAlignError, match="reduction must be one of"):
+    with pytest.raises(GradAlignError, match="target must be one of"):
         build_target(val, "sum")
 
 
@@ -119,3 +119,11 @@ def test_issue_examples_of_huge_and_tiny_inputs() -> None:
     torch.testing.assert_close(ip, torch.full((2,), 2e20))
     with pytest.raises(GradAlignError, match="overflows float32"):
         inner_product(torch.full((2, 4), 1e20), torch.full((4,), 1e20))
+
+
+def test_deprecated_parameter_names_still_work() -> None:
+    scores = torch.tensor([[0.1, 0.5], [0.3, -0.2]])
+    with pytest.warns(DeprecationWarning, match="how= is deprecated; use aggregate="):
+        assert (
+            aggregate_tasks(scores, how="min").tolist() == aggregate_tasks(scores, "min").tolist()
+        )

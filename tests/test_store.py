@@ -74,11 +74,11 @@ def _equal(a: GroupGradients, b: GroupGradients, exact: bool = True) -> None:
 def test_extract_and_load_equal_per_group(qwen: nn.Module, pool: Rollouts, tmp_path: Path) -> None:
     ext = FactorizedGradient(dim_in=4, dim_out=4, group_chunk=2)
     store = GradientStore(tmp_path / "s")
-    assert store.extract(ext, qwen, pool, chunk_groups=3) == 10
+    assert store.extract(ext, qwen, pool, group_chunk=3) == 10
     _equal(store.load(), ext.per_group(qwen, pool), exact=False)
     again = GradientStore(tmp_path / "s")  # reopen from disk
     assert len(again) == 10 and again.dim == store.dim
-    assert again.extract(ext, qwen, pool, chunk_groups=3) == 0
+    assert again.extract(ext, qwen, pool, group_chunk=3) == 0
     sub = again.load([63, 7])
     assert sub.group_ids.tolist() == [7, 63]
     torch.testing.assert_close(sub.grads, store.load().grads[[1, 9]])
@@ -95,17 +95,17 @@ def test_resume_after_crash_gives_identical_results(
 ) -> None:
     ext = FactorizedGradient(dim_in=4, dim_out=4, group_chunk=2)
     reference = GradientStore(tmp_path / "ref")
-    reference.extract(ext, qwen, pool, objective, chunk_groups=4)
+    reference.extract(ext, qwen, pool, objective, group_chunk=4)
     # 15 rows (5 groups of 3) fill a micro-batch of 16, so a chunk of 4 groups rounds up to the
     # whole pack of 5; it arrives as parts of 2, 2, 1: crash after 3 parts, inside the second.
     flaky = _Flaky(ext, crash_after_parts=3)
     with pytest.raises(KeyboardInterrupt):
-        GradientStore(tmp_path / "s").extract(flaky, qwen, pool, objective, chunk_groups=4)
+        GradientStore(tmp_path / "s").extract(flaky, qwen, pool, objective, group_chunk=4)
     store = GradientStore(tmp_path / "s")
     assert store.group_ids.tolist() == [0, 7, 14, 21, 28]  # only the committed chunk
     assert not (tmp_path / "s" / "index.json.tmp").exists()
     resumed = _Flaky(ext)
-    assert store.extract(resumed, qwen, pool, objective, chunk_groups=4) == 5
+    assert store.extract(resumed, qwen, pool, objective, group_chunk=4) == 5
     assert resumed.seen == [35, 42, 49, 56, 63]  # finished groups are never recomputed
     _equal(store.load(), reference.load())
     _equal(store.load(), ext.per_group(qwen, pool, objective), exact=False)
@@ -121,8 +121,8 @@ def test_settings_are_checked(qwen: nn.Module, pool: Rollouts, tmp_path: Path) -
         GradientStore(tmp_path / "s", dtype=torch.float16)
     with pytest.raises(GradAlignError, match="dtype must be float32 or float16"):
         GradientStore(tmp_path / "t", dtype=torch.int8)
-    with pytest.raises(GradAlignError, match="chunk_groups must be an int >= 1, got 0"):
-        GradientStore(tmp_path / "s").extract(FactorizedGradient(), qwen, pool, chunk_groups=0)
+    with pytest.raises(GradAlignError, match="group_chunk must be an int >= 1, got 0"):
+        GradientStore(tmp_path / "s").extract(FactorizedGradient(), qwen, pool, group_chunk=0)
     with pytest.raises(GradAlignError, match="holds no groups yet"):
         GradientStore(tmp_path / "empty").load()
     index = json.loads((tmp_path / "s" / "index.json").read_text())
@@ -133,7 +133,7 @@ def test_float16_store_and_full_gradient(qwen: nn.Module, tmp_path: Path) -> Non
     ro = make_rollouts(vocab=qwen.config.vocab_size, groups=[1, 1, 2, 2], rewards=[1, 0, 0, 1])
     ext = FullGradient(target_modules=["lm_head"])
     store = GradientStore(tmp_path / "h", dtype=torch.float16)
-    store.extract(ext, qwen, ro, chunk_groups=1)
+    store.extract(ext, qwen, ro, group_chunk=1)
     ref = ext.per_group(qwen, ro)
     out = store.load()
     assert out.grads.dtype == torch.float32 and out.segments == ref.segments
@@ -192,8 +192,8 @@ def test_stale_objects_of_one_store_append_correctly(qwen: nn.Module, tmp_path: 
     model = store_worker.model()
     a, b = GradientStore(tmp_path / "s"), GradientStore(tmp_path / "s")  # both opened empty
     ext = store_worker._Paced(None, None)
-    a.extract(ext, model, store_worker.pool("a", model.config.vocab_size), chunk_groups=3)
-    b.extract(ext, model, store_worker.pool("b", model.config.vocab_size), chunk_groups=3)
+    a.extract(ext, model, store_worker.pool("a", model.config.vocab_size), group_chunk=3)
+    b.extract(ext, model, store_worker.pool("b", model.config.vocab_size), group_chunk=3)
     _equal(GradientStore(tmp_path / "s").load(), _reference("all"), exact=False)
 
 
@@ -208,9 +208,9 @@ def test_kill_during_extraction_then_resume_bit_identical(tmp_path: Path) -> Non
     model = store_worker.model()
     rollouts = store_worker.pool("all", model.config.vocab_size)
     # Resume with another chunk size: the numbers must not change by a bit.
-    assert store.extract(store_worker._Paced(None, None), model, rollouts, chunk_groups=5) == 14
+    assert store.extract(store_worker._Paced(None, None), model, rollouts, group_chunk=5) == 14
     ref = GradientStore(tmp_path / "ref")
-    ref.extract(store_worker._Paced(None, None), model, rollouts, chunk_groups=20)
+    ref.extract(store_worker._Paced(None, None), model, rollouts, group_chunk=20)
     _equal(store.load(), ref.load(), exact=True)
 
 
@@ -220,7 +220,7 @@ def test_short_or_missing_data_file_is_refused_then_repaired(
 ) -> None:
     ext = FactorizedGradient(dim_in=4, dim_out=4)
     store = GradientStore(tmp_path / "s")
-    store.extract(ext, qwen, pool, chunk_groups=3)
+    store.extract(ext, qwen, pool, group_chunk=3)
     reference = store.load()
     data = tmp_path / "s" / "grads.bin"
     if damage == "truncate":
@@ -234,7 +234,7 @@ def test_short_or_missing_data_file_is_refused_then_repaired(
     dropped = GradientStore.repair(tmp_path / "s")
     assert len(dropped) == (5 if damage == "truncate" else 10)
     repaired = GradientStore(tmp_path / "s")
-    assert repaired.extract(ext, qwen, pool, chunk_groups=3) == len(dropped)
+    assert repaired.extract(ext, qwen, pool, group_chunk=3) == len(dropped)
     # Re-extracted groups run without their former pack-mates: equal up to float rounding.
     _equal(repaired.load(), reference, exact=len(dropped) == 10)
 
@@ -275,7 +275,7 @@ def test_fingerprint_covers_values_model_and_rollouts(
             FullGradient(preconditioner=other, target_modules=["lm_head"]), qwen, ro
         )
     ext = FactorizedGradient(dim_in=2, dim_out=2)
-    GradientStore(tmp_path / "m").extract(ext, qwen, pool, chunk_groups=3)
+    GradientStore(tmp_path / "m").extract(ext, qwen, pool, group_chunk=3)
     changed = copy.deepcopy(qwen)
     with torch.no_grad():
         next(changed.parameters()).view(-1)[0] += 1.0
@@ -336,3 +336,11 @@ def test_float16_store_refuses_values_it_cannot_hold(qwen: nn.Module, tmp_path: 
     with pytest.raises(GradAlignError, match="exceed the float16 range"):
         store.extract(FullGradient(target_modules=["lm_head"], preconditioner=huge), qwen, ro)
     assert len(GradientStore(tmp_path / "h", dtype=torch.float16)) == 0
+
+
+def test_chunk_groups_is_a_deprecated_name(qwen: nn.Module, pool: Rollouts, tmp_path: Path) -> None:
+    store = GradientStore(tmp_path / "s")
+    with pytest.warns(DeprecationWarning, match="chunk_groups= is deprecated; use group_chunk="):
+        store.extract(FactorizedGradient(dim_in=2, dim_out=2), qwen, pool, chunk_groups=4)
+    with pytest.warns(DeprecationWarning, match="chunk_groups= is deprecated"):
+        assert len(list(store.iter_chunks(chunk_groups=5))) == 2

@@ -144,15 +144,14 @@ class Candidates:
                 f"Candidates.from_rollouts: rewards must be NaN-free with the shape of group_ids "
                 f"{tuple(gids.shape)}, got {tuple(rewards.shape)}"
             )
-        ids, inv, counts = torch.unique(gids, return_inverse=True, return_counts=True)
-        # float64 two-pass: a constant group's mean is exact, so its spread is exactly 0.
-        mean = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inv, rewards) / counts
-        sq = torch.zeros_like(mean).index_add_(0, inv, (rewards - mean[inv]) ** 2)  # (G,)
+        from gradalign.rollouts import group_stats
+
+        st = group_stats(gids, rewards)
         return cls(
-            ids=ids,
+            ids=st.ids,
             scores=scores,
-            accuracy=mean.float() if bool(((rewards >= 0) & (rewards <= 1)).all()) else None,
-            reward_std=(sq / counts).sqrt().float(),
+            accuracy=st.mean.float() if bool(((rewards >= 0) & (rewards <= 1)).all()) else None,
+            reward_std=st.std.float(),
             zero_gradient=zero_gradient,
             task_scores=task_scores,
             grads=grads,

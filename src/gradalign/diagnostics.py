@@ -23,10 +23,10 @@ import torch
 
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GroupGradients, Segment
+from gradalign.scoring import SCORERS, scaled_rows
 
 __all__ = ["ScoreBreakdown", "layer_of", "score_breakdown", "segment_norms"]
 
-SCORERS = ("cosine", "inner_product")
 OTHER = "(other)"  # columns no segment claims
 
 _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.\d+)\.")
@@ -137,16 +137,21 @@ def score_breakdown(
         shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
         raise GradAlignError(f"{call}: target must have shape (D={candidates.dim},), got {shape}")
     segments = _covering(call, candidates)
-    grads, t = candidates.grads.float(), target.float().to(candidates.grads.device)
+    # The scoring kernel's scaled rows: products neither overflow nor underflow.
+    grads, g_scale = scaled_rows(candidates.grads)  # (G, D), (G,)
+    t, _ = scaled_rows(target.float().to(candidates.grads.device)[None])  # (1, D)
     index = torch.full((candidates.dim,), len(segments), dtype=torch.long)  # (D,) -> segment
     for i, seg in enumerate(segments):
         index[seg.start : seg.stop] = i
-    dots = torch.zeros(len(candidates), len(segments) + 1, dtype=torch.float32)
-    dots.index_add_(1, index, grads * t)  # (G, P + 1)
-    t_norm = t.norm()
-    denom = grads.norm(dim=1) * t_norm if scorer == "cosine" else t_norm.expand(len(candidates))
-    scale = torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    parts = dots * scale[:, None]  # (G, P + 1)
+    dots = torch.zeros(len(candidates), len(segments) + 1, dtype=torch.float64)
+    dots.index_add_(1, index, (grads * t).double())  # (G, P + 1), scaled
+    t_norm = t.norm().double()
+    if scorer == "cosine":  # the scales cancel
+        denom = grads.norm(dim=1).double() * t_norm  # (G,)
+    else:  # <g, t/|t|>: the candidate's scale stays
+        denom = t_norm / torch.where(g_scale > 0, g_scale, 1.0)  # (G,)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    parts = torch.where(denom[:, None] > 0, dots / safe[:, None], 0.0).float()  # (G, P + 1)
     names = [s.name for s in segments]
     if bool((index == len(segments)).any()):
         names.append(OTHER)

@@ -47,6 +47,7 @@ import torch
 from gradalign._validate import check_int, check_seed
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
+from gradalign.scoring import unit_rows
 
 __all__ = [
     "AccGreedy",
@@ -128,12 +129,6 @@ def _clip_k(policy: object, k: int, n: int, pool: int, what: str = "candidates i
 def _rank(key: torch.Tensor, descending: bool = True) -> torch.Tensor:
     """Stable argsort: equal keys keep the candidates' order."""
     return torch.sort(key, descending=descending, stable=True).indices
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """(G, D) rows scaled to unit norm; zero rows stay zero, so their cosine with anything is 0."""
-    norm = x.norm(dim=1, keepdim=True)  # (G, 1)
-    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -276,8 +271,8 @@ class LearnAlign(_KeyTopK):
 
     def _key(self, c: Candidates) -> torch.Tensor:
         grads = _need(self, c, "grads")  # (G, D)
-        mean = _unit_rows(grads.mean(0, keepdim=True))  # (1, D)
-        return (_unit_rows(grads) @ mean.T).squeeze(1) * _learnability(_need(self, c, "accuracy"))
+        mean = unit_rows(grads.mean(0, keepdim=True))  # (1, D)
+        return (unit_rows(grads) @ mean.T).squeeze(1) * _learnability(_need(self, c, "accuracy"))
 
 
 class TopFraction(Policy):
@@ -438,7 +433,7 @@ class DiverseTopK(Policy):
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores").double()  # (G,)
-        unit = _unit_rows(_need(self, candidates, "grads"))  # (G, D)
+        unit = unit_rows(_need(self, candidates, "grads"))  # (G, D)
         k = _clip_k(self, self.k, len(candidates), len(candidates))
         max_sim = torch.zeros_like(scores)  # (G,)
         free = torch.ones_like(scores, dtype=torch.bool)

@@ -16,7 +16,7 @@ import torch
 
 from gradalign.errors import GradAlignError
 
-__all__ = ["Rollouts", "micro_batch_width"]
+__all__ = ["GroupStats", "Rollouts", "group_stats", "micro_batch_width"]
 
 _TensorLike = torch.Tensor | Sequence[float] | Sequence[int]
 
@@ -36,6 +36,43 @@ def micro_batch_width(attention_mask: torch.Tensor) -> int:
     """Columns a micro-batch needs: up to its last attended token, whatever the padding side."""
     attended = attention_mask.bool().any(0).nonzero()
     return int(attended.max().item()) + 1 if attended.numel() else 1
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-group reward statistics, the one place pass rates are computed.
+
+    Attributes:
+        ids: (G,) int64 group ids, ascending.
+        counts: (G,) int64 rollouts per group.
+        mean: (G,) float64 mean reward (the pass rate for binary rewards).
+        std: (G,) float64 population std of the rewards; exactly 0 for a constant group.
+        index: (S,) int64 group of each row (positions into ``ids``).
+    """
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    index: torch.Tensor
+
+
+def group_stats(group_ids: torch.Tensor, rewards: torch.Tensor) -> GroupStats:
+    """Reward statistics of each group; float64 two-pass, so a constant group's std is exactly 0.
+
+    Example:
+        >>> st = group_stats(torch.tensor([4, 4, 1]), torch.tensor([1.0, 0.0, 1.0]))
+        >>> st.ids.tolist(), st.mean.tolist(), st.std.tolist()
+        ([1, 4], [1.0, 0.5], [0.0, 0.5])
+    """
+    ids, index, counts = torch.unique(
+        group_ids, sorted=True, return_inverse=True, return_counts=True
+    )
+    r = rewards.detach().to(torch.float64)
+    mean = torch.zeros(len(ids), dtype=torch.float64, device=r.device).index_add_(0, index, r)
+    mean = mean / counts
+    sq = torch.zeros_like(mean).index_add_(0, index, (r - mean[index]) ** 2)  # (G,)
+    return GroupStats(ids, counts, mean, (sq / counts).sqrt(), index)
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,10 +272,8 @@ class Rollouts:
         return out.index_add_(0, self.group_index, self.response_mask.sum(1))
 
     def group_mean_rewards(self) -> torch.Tensor:
-        """(G,) mean reward of each group (the pass rate for binary rewards)."""
-        sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
-        sums.index_add_(0, self.group_index, self.rewards)
-        return sums / self.group_sizes().clamp_min(1)
+        """(G,) float32 mean reward of each group (the pass rate for binary rewards)."""
+        return group_stats(self.group_ids, self.rewards).mean.float()
 
     def group_reward_spread(self) -> torch.Tensor:
         """(G,) max minus min reward of each group; 0 marks a zero-spread group (no learning signal)."""

@@ -12,6 +12,7 @@ Shape glossary: G candidate groups, D gradient dimension, Q targets (validation 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from gradalign.extractors.base import GroupGradients
 from gradalign.objective import GRPOObjective, Objective
 
 __all__ = [
+    "SCORERS",
     "TARGET_REDUCTIONS",
     "TASK_AGGREGATIONS",
     "TargetAccumulator",
@@ -30,9 +32,12 @@ __all__ = [
     "build_target",
     "cosine",
     "inner_product",
-    "zero_rows",
+    "row_norms",
+    "scaled_rows",
+    "unit_rows",
 ]
 
+SCORERS = ("cosine", "inner_product")
 TARGET_REDUCTIONS = ("mean", "normalized-mean", "batch")
 TASK_AGGREGATIONS = ("max", "mean", "min")
 
@@ -53,12 +58,7 @@ def _check_pair(call: str, grads: torch.Tensor, target: torch.Tensor) -> None:
             raise GradAlignError(f"{call}: {name} contains NaN or inf")
 
 
-def zero_rows(grads: torch.Tensor) -> torch.Tensor:
-    """(G,) bool, True where a gradient row is exactly zero."""
-    return ~(grads != 0).any(dim=1)
-
-
-def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) rows divided by their largest magnitude (entries in [-1, 1]) and (N,) float64 scales.
 
     Products and squares of the scaled rows neither overflow nor underflow in float32, whatever the
@@ -70,9 +70,16 @@ def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x / safe[:, None], scale.double()
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) float32 rows of unit norm (zero rows stay zero), free of overflow and underflow."""
+    scaled, _ = scaled_rows(x)
+    norm = scaled.norm(dim=1, keepdim=True)  # (N, 1), >= 1 for a non-zero row
+    return torch.where(norm > 0, scaled / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """(N,) float64 norms of the rows of ``x`` (N, D), free of overflow and underflow."""
-    scaled, scale = _scaled(x)
+    scaled, scale = scaled_rows(x)
     return scaled.norm(dim=1).double() * scale
 
 
@@ -85,8 +92,8 @@ def alignment_terms(
     results are float64, so any finite input gives finite terms. Cosine is
     ``dot / (grad_norm * target_norm)``; the paper's inner product is ``dot / target_norm``.
     """
-    gs, g_scale = _scaled(grads)  # (G, D), (G,)
-    ts, t_scale = _scaled(targets.to(grads.device))  # (Q, D), (Q,)
+    gs, g_scale = scaled_rows(grads)  # (G, D), (G,)
+    ts, t_scale = scaled_rows(targets.to(grads.device))  # (Q, D), (Q,)
     dot = (gs @ ts.T).double() * g_scale[:, None] * t_scale[None, :]  # (G, Q)
     return dot, gs.norm(dim=1).double() * g_scale, ts.norm(dim=1).double() * t_scale
 
@@ -167,11 +174,27 @@ def inner_product(
     return out.squeeze(1) if target.dim() == 1 else out
 
 
-def aggregate_tasks(scores: torch.Tensor, how: str = "max") -> torch.Tensor:
-    """(G, Q) per-task scores -> (G,) by "max", "mean" or "min"; a (G,) input passes through."""
-    if how not in TASK_AGGREGATIONS:
+def _deprecated(call: str, old: str, new: str) -> None:
+    warnings.warn(
+        f"{call}: {old}= is deprecated; use {new}= (the name GradAlign uses)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def aggregate_tasks(
+    scores: torch.Tensor, aggregate: str = "max", *, how: str | None = None
+) -> torch.Tensor:
+    """(G, Q) per-task scores -> (G,) by "max", "mean" or "min"; a (G,) input passes through.
+
+    ``aggregate`` is ``GradAlign(aggregate=...)``'s name; ``how=`` is its deprecated alias.
+    """
+    if how is not None:
+        _deprecated("aggregate_tasks", "how", "aggregate")
+        aggregate = how
+    if aggregate not in TASK_AGGREGATIONS:
         raise GradAlignError(
-            f"aggregate_tasks: how must be one of {TASK_AGGREGATIONS}, got {how!r}"
+            f"aggregate_tasks: aggregate must be one of {TASK_AGGREGATIONS}, got {aggregate!r}"
         )
     if scores.dim() == 1:
         return scores
@@ -179,9 +202,9 @@ def aggregate_tasks(scores: torch.Tensor, how: str = "max") -> torch.Tensor:
         raise GradAlignError(
             f"aggregate_tasks: scores must be (G,) or (G, Q>=1), got {tuple(scores.shape)}"
         )
-    if how == "max":
+    if aggregate == "max":
         return scores.max(dim=1).values
-    if how == "min":
+    if aggregate == "min":
         return scores.min(dim=1).values
     return scores.mean(dim=1)
 
@@ -212,10 +235,10 @@ class TargetAccumulator:
     """Builds target directions from validation gradients streamed chunk by chunk.
 
     Args:
-        reduction: "mean" (mean of the validation groups' gradients, default), "normalized-mean"
+        target: "mean" (mean of the validation groups' gradients, default), "normalized-mean"
             (mean of unit vectors: every problem's direction counts equally; zero rows skipped) or
             "batch" (the gradient of one loss over the whole validation set, aggregated like the
-            objective aggregates tokens — the paper's reference).
+            objective aggregates tokens — the paper's reference); ``GradAlign(target=...)``.
         objective: the GRPO objective (needed by "batch" for its aggregation).
         tasks: optional mapping validation group id -> task label, giving one target per task.
         task_labels: the order of the task labels (default: sorted by their string form).
@@ -223,16 +246,16 @@ class TargetAccumulator:
 
     def __init__(
         self,
-        reduction: str = "mean",
+        target: str = "mean",
         objective: Objective | None = None,
         tasks: Mapping[int, Any] | None = None,
         task_labels: Sequence[Any] | None = None,
     ) -> None:
-        if reduction not in TARGET_REDUCTIONS:
+        if target not in TARGET_REDUCTIONS:
             raise GradAlignError(
-                f"build_target: reduction must be one of {TARGET_REDUCTIONS}, got {reduction!r}"
+                f"build_target: target must be one of {TARGET_REDUCTIONS}, got {target!r}"
             )
-        self.reduction = reduction
+        self.target = target
         self.objective = GRPOObjective() if objective is None else objective
         self.tasks = tasks
         if task_labels is None and tasks is not None:
@@ -247,11 +270,10 @@ class TargetAccumulator:
         self.labels = labels
         q = len(labels)
         grads = chunk.grads.float()  # (Gc, D)
-        if self.reduction == "normalized-mean":
-            norms = grads.norm(dim=1, keepdim=True)
-            grads = torch.where(norms > 0, grads / norms.clamp_min(1e-30), 0.0)
-            weight = (norms.squeeze(1) > 0).float()
-        elif self.reduction == "batch":
+        if self.target == "normalized-mean":
+            grads = unit_rows(grads)  # (Gc, D)
+            weight = (grads != 0).any(dim=1).float()
+        elif self.target == "batch":
             weight = self.objective.batch_group_weights(chunk.num_tokens, chunk.num_sequences)
             grads = grads * weight[:, None]
         else:
@@ -278,18 +300,20 @@ class TargetAccumulator:
 
 def build_target(
     validation: GroupGradients,
-    reduction: str = "mean",
+    target: str = "mean",
     *,
     objective: Objective | None = None,
     tasks: Mapping[int, Any] | None = None,
+    reduction: str | None = None,
 ) -> torch.Tensor:
     """Target direction(s) from validation group gradients.
 
     Args:
         validation: (G_v, D) validation group gradients.
-        reduction: "mean", "normalized-mean" or "batch" (see :class:`TargetAccumulator`).
+        target: "mean", "normalized-mean" or "batch" (see :class:`TargetAccumulator`).
         objective: the GRPO objective ("batch" aggregates like it).
         tasks: optional mapping validation group id -> task label.
+        reduction: deprecated name of ``target``.
 
     Returns:
         (D,) without tasks, else (Q, D) with one row per task label (sorted).
@@ -297,7 +321,10 @@ def build_target(
     Example:
         >>> target = build_target(val_grads, "normalized-mean")  # doctest: +SKIP
     """
-    acc = TargetAccumulator(reduction, objective, tasks)
+    if reduction is not None:
+        _deprecated("build_target", "reduction", "target")
+        target = reduction
+    acc = TargetAccumulator(target, objective, tasks)
     acc.add(validation)
     out = acc.result()
     return out[0] if tasks is None else out

@@ -29,6 +29,7 @@ from gradalign.objective import BatchStats, GRPOObjective, Objective
 from gradalign.policies import Candidates, TopFraction
 from gradalign.rollouts import Rollouts
 from gradalign.scoring import (
+    SCORERS,
     TARGET_REDUCTIONS,
     TASK_AGGREGATIONS,
     TargetAccumulator,
@@ -40,8 +41,6 @@ from gradalign.scoring import (
 )
 
 __all__ = ["SCORERS", "Alignment", "CandidateRows", "GradAlign", "Selection"]
-
-SCORERS = ("cosine", "inner_product")
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,11 +9,11 @@ Implementations: :class:`GradientStore`. A store is a directory holding
 - ``writer.lock``: held (``flock``) by the one process that may write.
 
 :meth:`GradientStore.extract` takes the lock, streams the pool through ``extractor.iter_groups``
-in chunks of ``chunk_groups`` groups, writes each chunk's rows, flushes them to disk, then replaces
+in chunks of ``group_chunk`` groups, writes each chunk's rows, flushes them to disk, then replaces
 the index atomically (temporary file + ``os.replace``). Rows past the index are leftovers of an
 interrupted chunk and are overwritten; a rerun skips every committed group. Chunks hold whole packs
 of the extractor (``group_packs``: the groups that share its passes), so the stored numbers do not
-depend on ``chunk_groups`` or on interruptions.
+depend on ``group_chunk`` or on interruptions.
 
 Nothing damaged is ever returned: opening a store checks the data file against the index (a file
 shorter than the committed rows is refused), :meth:`load` checks every row's CRC, and
@@ -25,6 +25,7 @@ Shape glossary: G groups, D gradient dimension.
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,14 @@ def _chunk(
     subset = full.select_groups(ids)
     rows = torch.isin(full.group_ids, ids.to(full.device)).nonzero().flatten()  # subset order
     return subset, prepared.select(rows, subset.input_ids.shape[1])
+
+
+def _renamed(call: str) -> None:
+    warnings.warn(
+        f"{call}: chunk_groups= is deprecated; use group_chunk= (the extractors' name)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 class GradientStore:
@@ -213,8 +222,9 @@ class GradientStore:
         rollouts: Rollouts,
         objective: Objective | None = None,
         *,
-        chunk_groups: int = 256,
+        group_chunk: int = 256,
         progress: bool = False,
+        chunk_groups: int | None = None,
     ) -> int:
         """Extract and store the gradients of every group of ``rollouts`` not stored yet.
 
@@ -224,10 +234,10 @@ class GradientStore:
                 was written with.
             rollouts: the pool's rollouts (resuming: the same rollouts as the interrupted run).
             objective: the loss; default ``GRPOObjective()``.
-            chunk_groups: groups per committed chunk, rounded up to whole packs of the
-                extractor (an interruption loses at most one chunk); it never changes the stored
-                numbers.
+            group_chunk: groups per committed chunk, rounded up to whole packs of the extractor
+                (an interruption loses at most one chunk); it never changes the stored numbers.
             progress: show the extractor's progress bar.
+            chunk_groups: deprecated name of ``group_chunk``.
 
         Returns:
             The number of groups extracted by this call (0 when all were stored already).
@@ -237,8 +247,11 @@ class GradientStore:
                 stored group's rollouts differ from the store's, or the store is damaged.
         """
         call = "GradientStore.extract"
-        if isinstance(chunk_groups, bool) or not isinstance(chunk_groups, int) or chunk_groups < 1:
-            raise GradAlignError(f"{call}: chunk_groups must be an int >= 1, got {chunk_groups!r}")
+        if chunk_groups is not None:
+            _renamed(call)
+            group_chunk = chunk_groups
+        if isinstance(group_chunk, bool) or not isinstance(group_chunk, int) or group_chunk < 1:
+            raise GradAlignError(f"{call}: group_chunk must be an int >= 1, got {group_chunk!r}")
         if not isinstance(rollouts, Rollouts):
             raise GradAlignError(
                 f"{call}: rollouts must be a gradalign.Rollouts, got {type(rollouts).__name__}"
@@ -250,7 +263,7 @@ class GradientStore:
             self._check_fingerprint(extractor, objective, model)
             digests = group_digests(rollouts)
             self._check_content(digests)
-            chunks = self._todo(extractor, rollouts, prepared, chunk_groups)
+            chunks = self._todo(extractor, rollouts, prepared, group_chunk)
             for ids in chunks:
                 sub, weights = _chunk(prepared, rollouts, ids)
                 parts = extractor.iter_groups(model, sub, weights, progress=progress)
@@ -262,12 +275,12 @@ class GradientStore:
         extractor: GradientExtractor,
         rollouts: Rollouts,
         prepared: TokenWeights,
-        chunk_groups: int,
+        group_chunk: int,
     ) -> list[torch.Tensor]:
-        """The groups not stored yet, in chunks of whole extractor packs (>= chunk_groups groups).
+        """The groups not stored yet, in chunks of whole extractor packs (>= group_chunk groups).
 
         Chunks never cut a pack, so every group runs with the same companions whatever
-        ``chunk_groups`` is and however often the extraction was interrupted: the stored rows are
+        ``group_chunk`` is and however often the extraction was interrupted: the stored rows are
         bit-identical to one uninterrupted pass.
         """
         done = torch.tensor(self._index["group_ids"], dtype=torch.long)
@@ -280,7 +293,7 @@ class GradientStore:
             if ids.numel():
                 current.append(ids)
                 size += int(ids.numel())
-            if size >= chunk_groups:
+            if size >= group_chunk:
                 chunks.append(torch.cat(current))
                 current, size = [], 0
         if current:
@@ -383,13 +396,19 @@ class GradientStore:
             segments=tuple(Segment(n, a, b) for n, a, b in self._index.get("segments", [])),
         )
 
-    def iter_chunks(self, chunk_groups: int = 1024) -> Iterator[GroupGradients]:
-        """Stream the stored gradients in ascending group id, ``chunk_groups`` groups at a time."""
-        if isinstance(chunk_groups, bool) or not isinstance(chunk_groups, int) or chunk_groups < 1:
+    def iter_chunks(
+        self, group_chunk: int = 1024, *, chunk_groups: int | None = None
+    ) -> Iterator[GroupGradients]:
+        """Stream the stored gradients in ascending group id, ``group_chunk`` groups at a time
+        (``chunk_groups`` is its deprecated name)."""
+        if chunk_groups is not None:
+            _renamed("GradientStore.iter_chunks")
+            group_chunk = chunk_groups
+        if isinstance(group_chunk, bool) or not isinstance(group_chunk, int) or group_chunk < 1:
             raise GradAlignError(
-                f"GradientStore.iter_chunks: chunk_groups must be an int >= 1, got {chunk_groups!r}"
+                f"GradientStore.iter_chunks: group_chunk must be an int >= 1, got {group_chunk!r}"
             )
-        for ids in self.group_ids.split(chunk_groups):
+        for ids in self.group_ids.split(group_chunk):
             yield self.load(ids)
 
     @staticmethod

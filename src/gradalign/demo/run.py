@@ -43,6 +43,7 @@ from gradalign.demo.report import (
 )
 from gradalign.demo.sampling import render_prompts, sample_completions, stop_tokens
 from gradalign.errors import GradAlignError
+from gradalign.rollouts import group_stats
 
 __all__ = ["DemoConfig", "derived_seed", "run_demo", "run_seed"]
 
@@ -250,10 +251,8 @@ def _select(al: ga.Alignment, table: ga.Candidates, k: int, seed: int) -> dict[s
 
 
 def _group_means(values: list[float], groups: list[int]) -> dict[int, float]:
-    sums: dict[int, list[float]] = {}
-    for v, g in zip(values, groups, strict=True):
-        sums.setdefault(g, []).append(v)
-    return {g: float(np.mean(v)) for g, v in sums.items()}
+    st = group_stats(torch.tensor(groups), torch.tensor(values))
+    return dict(zip(st.ids.tolist(), st.mean.tolist(), strict=True))
 
 
 def run_seed(

@@ -27,6 +27,9 @@ from gradalign.rollouts import Rollouts
 DEFAULT_BATCH_SIZE = 16
 """Sequences per forward/backward of every extractor unless told."""
 
+CHUNK_BYTES = 2**30
+"""float32 bytes of group gradients an extractor holds before it yields a chunk (group_chunk=None)."""
+
 __all__ = ["GradientExtractor", "GroupGradients", "Segment", "extraction_mode"]
 
 

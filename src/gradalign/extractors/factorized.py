@@ -40,6 +40,7 @@ from gradalign._modules import TargetModules, check_target_modules, match_module
 from gradalign._validate import check_choice, check_int, check_seed
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
+    CHUNK_BYTES,
     DEFAULT_BATCH_SIZE,
     GradientExtractor,
     GroupCounter,
@@ -56,8 +57,6 @@ from gradalign.projection import DEFAULT_KIND, KINDS, Projector
 from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FactorizedGradient", "check_settings", "factorized_chunks", "factorized_packs"]
-
-_CHUNK_BYTES = 2**30  # float32 bytes of group gradients held before a chunk is yielded
 
 
 @dataclass
@@ -375,7 +374,7 @@ def factorized_chunks(
     dim = segments[-1].stop
     split = _split_model(model)
     head = {id(m) for m in split[1].modules()} if split is not None else set()
-    chunk = group_chunk or max(1, _CHUNK_BYTES // (4 * dim))
+    chunk = group_chunk or max(1, CHUNK_BYTES // (4 * dim))
     prepared = prepare_weights(call, objective, rollouts)
     weights, active = _active_rows(prepared)
     job = _Job(model, rollouts, prepared, weights, max_logits_elements, share_prompts, call)

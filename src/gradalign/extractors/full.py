@@ -23,6 +23,7 @@ from gradalign._modules import TargetModules, check_target_modules, target_param
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import (
+    CHUNK_BYTES,
     DEFAULT_BATCH_SIZE,
     GradientExtractor,
     GroupCounter,
@@ -37,8 +38,6 @@ from gradalign.projection import DEFAULT_KIND, Projector
 from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FullGradient", "RandomProjectedGradient"]
-
-_CHUNK_BYTES = 2**30  # float32 bytes of group gradients held before a chunk is yielded
 
 
 def _group_gradient(
@@ -198,7 +197,7 @@ class FullGradient(GradientExtractor):
         """
         params = [p for _, p in named]
         segments, dim = self._segments(named), self._row_dim(named)
-        chunk = self.group_chunk or max(1, _CHUNK_BYTES // (4 * max(1, dim)))
+        chunk = self.group_chunk or max(1, CHUNK_BYTES // (4 * max(1, dim)))
         zero_spread = prepared.zero_spread(rollouts).cpu()
         tokens, sizes = rollouts.group_token_counts().cpu(), rollouts.group_sizes().cpu()
         all_rows = group_rows(rollouts)

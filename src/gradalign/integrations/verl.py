@@ -38,6 +38,7 @@ N dataset rows (the pool).
 # registering it in sys.modules, and dataclasses cannot resolve string annotations there.
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,8 @@ class SamplerSettings:
         shuffle: serve each selection in a seeded random order (else in rank order).
         select_fraction: keep the best ``round(fraction * M)`` candidates (the paper's M/q).
         select_k: keep the best k instead (overrides ``select_fraction``).
-        score: "cosine" (the paper's) or "inner_product".
+        scorer: "cosine" (the paper's) or "inner_product" (the key ``score`` still works, with a
+            DeprecationWarning).
         target: validation target, "mean", "normalized-mean" or "batch".
         index_key: non-tensor key of the dataset index ("index", verl's ``extra_info.index``).
         index_lookup: read every dataset row's ``index_key`` once to map it to its position
@@ -111,7 +113,7 @@ class SamplerSettings:
     shuffle: bool = True
     select_fraction: float = 0.5
     select_k: int | None = None
-    score: str = "cosine"
+    scorer: str = "cosine"
     target: str = "mean"
     index_key: str = "index"
     index_lookup: bool = False
@@ -123,6 +125,13 @@ class SamplerSettings:
         """Read ``data_config["gradalign"]`` (a dict or OmegaConf node; absent = defaults)."""
         node = None if data_config is None else data_config.get("gradalign", None)
         raw = {} if node is None else {str(k): v for k, v in node.items()}
+        if "score" in raw:
+            warnings.warn(
+                "GradAlignSampler: data.gradalign.score is deprecated; use data.gradalign.scorer",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            raw.setdefault("scorer", raw.pop("score"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -175,7 +184,7 @@ class GradAlignSampler(_SamplerBase):
             self.curriculum, seed=seed, shuffle=st.shuffle, batch_size=batch
         )
         policy = TopK(st.select_k) if st.select_k is not None else TopFraction(st.select_fraction)
-        self.selector = selector or GradAlign(scorer=st.score, policy=policy, target=st.target)
+        self.selector = selector or GradAlign(scorer=st.scorer, policy=policy, target=st.target)
         if on_update is None and st.on_update is not None:
             on_update = _load_callable(where, st.on_update)
         self._on_update = on_update

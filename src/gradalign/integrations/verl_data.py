@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gradalign.errors import GradAlignError
-from gradalign.rollouts import Rollouts
+from gradalign.rollouts import Rollouts, group_stats
 
 __all__ = ["REWARD_KEYS", "BatchGroups", "group_batch", "rollouts_from_dataproto"]
 
@@ -52,10 +52,8 @@ class BatchGroups:
 
     def problem_pass_rates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(P,) problem ids ascending, (P,) rollout counts and (P,) mean rewards, merging uids."""
-        ids, inv = torch.unique(self.row_ids, sorted=True, return_inverse=True)
-        counts = torch.bincount(inv, minlength=len(ids))
-        sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inv, self.rewards.double())
-        return ids, counts, (sums / counts).float()
+        st = group_stats(self.row_ids, self.rewards)
+        return st.ids, st.counts, st.mean.float()
 
 
 def _tensors(call: str, batch: Any) -> Any:
