@@ -41,8 +41,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from gradalign import GRPOObjective, Rollouts
-from gradalign._forward import response_logprobs
+from gradalign import GRPOObjective, Rollouts, response_logprobs
 from gradalign.extractors import (
     FactorizedGradient,
     FullGradient,

@@ -49,7 +49,6 @@ import torch
 from torch import nn
 
 import gradalign as ga
-from gradalign._forward import response_logprobs
 from gradalign.policies import AccGreedy, Random, TopK
 from gradalign.testing import tiny_model, tiny_tokenizer
 
@@ -216,7 +215,7 @@ def grpo_step(
     """One on-policy GRPO update: loss = -sum w * log pi, w from group-relative advantages."""
     model.train()
     weights = obj.token_weights(rollouts)  # (S, T)
-    logp = response_logprobs(
+    logp = ga.response_logprobs(
         model, rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
     )  # (S, T)
     loss = -(weights * logp).sum()

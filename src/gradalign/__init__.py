@@ -11,6 +11,7 @@ a policy from :mod:`gradalign.policies` -> :class:`GradAlign` ties them together
 from __future__ import annotations
 
 from gradalign import policies
+from gradalign._forward import response_logprobs
 from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum, ProblemStats, SelectionSampler
 from gradalign.diagnostics import ScoreBreakdown, score_breakdown, segment_norms
@@ -65,6 +66,7 @@ __all__ = [
     "cosine",
     "inner_product",
     "policies",
+    "response_logprobs",
     "score_breakdown",
     "segment_norms",
 ]

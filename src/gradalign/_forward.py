@@ -244,9 +244,30 @@ def response_logprobs(
 ) -> torch.Tensor:
     """(S, T) float32 log pi(input_ids[s, t] | input_ids[s, :t]) at response positions, 0 elsewhere.
 
-    Differentiable with respect to the model's parameters when grad mode is on. With ``share_keys``
-    (S,), rows with equal keys and equal prompts (the tokens before their first response token) run
-    the prompt once; the result is the same up to float rounding.
+    The log-probabilities a GRPO step differentiates (``gradalign.response_logprobs``): logits only
+    at response positions, the vocabulary projection chunked, any padding side.
+
+    Args:
+        model: a causal LM (transformers or peft).
+        input_ids: (S, T) token ids.
+        attention_mask: (S, T) 1 on attended tokens (one contiguous run per row).
+        response_mask: (S, T) True on response tokens.
+        max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
+        checkpoint_chunks: recompute each chunk in the backward pass instead of keeping it.
+        share_keys: (S,) rows with equal keys and equal prompts (the tokens before their first
+            response token) run the prompt once; the result is the same up to float rounding.
+        on_forward: hook called before each decoder forward (used by hook-based extractors).
+
+    Returns:
+        (S, T) log-probs, differentiable with respect to the model's parameters in grad mode.
+
+    Example:
+        >>> import torch, gradalign as ga
+        >>> from gradalign.testing import tiny_model
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6]], [[7, 8], [9]], [1.0, 0.0], [0, 0])
+        >>> lp = ga.response_logprobs(tiny_model(), ro.input_ids, ro.attention_mask, ro.response_mask)
+        >>> lp.shape, bool((lp[ro.response_mask] < 0).all()), bool((lp[~ro.response_mask] == 0).all())
+        (torch.Size([2, 4]), True, True)
     """
     s, t = input_ids.shape
     c = _Compact.of(input_ids, attention_mask, response_mask)

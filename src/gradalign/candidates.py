@@ -9,6 +9,7 @@ Shapes: G candidates, D gradient dim, Q validation targets (tasks).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -160,7 +161,7 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def positions(self, ids: Any) -> torch.Tensor:
+    def positions(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """(n,) int64 row positions of ``ids``; GradAlignError if one is not a candidate."""
         want = _as_ids("Candidates.positions", ids)
         order = torch.argsort(self.ids)
@@ -170,7 +171,7 @@ class Candidates:
             raise GradAlignError(f"Candidates: ids {want[~found].tolist()} are not candidates")
         return order[pos]
 
-    def subset(self, ids: Any) -> Candidates:
+    def subset(self, ids: torch.Tensor | Sequence[int]) -> Candidates:
         """The rows whose id is in ``ids``, in the order given (unique ids of this table)."""
         pos = self.positions(ids)
         return replace(self, **{name: v[pos] for name, v in self.to_dict().items()})

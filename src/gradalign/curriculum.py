@@ -12,7 +12,7 @@ Shape glossary: N pool size, M chunk size, C candidates of a round, K selected p
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 
-__all__ = ["Curriculum", "ProblemStats", "SelectionSampler", "SelectionSource"]
+__all__ = ["Curriculum", "HasIds", "ProblemStats", "SelectionSampler", "SelectionSource"]
 
 _STATE_FORMAT = 1
 _ARG_KEYS = ("format", "pool_size", "chunk_size", "seed")
@@ -185,6 +185,15 @@ class ProblemStats:
     has_accuracy: torch.Tensor
 
 
+@runtime_checkable
+class HasIds(Protocol):
+    """What :meth:`Curriculum.record` reads: a :class:`~gradalign.Selection` or
+    :class:`~gradalign.Candidates` (``ids``; optional ``scores``, ``accuracy``, ``candidates``)."""
+
+    @property
+    def ids(self) -> torch.Tensor: ...
+
+
 class Curriculum:
     """Seeded chunks of a problem pool, one round per chunk, and the history of each selection.
 
@@ -259,7 +268,12 @@ class Curriculum:
         self._round += 1
         return chunk
 
-    def record(self, selection: Any, *, candidates: Any = None) -> None:
+    def record(
+        self,
+        selection: HasIds | torch.Tensor | Sequence[int],
+        *,
+        candidates: HasIds | None = None,
+    ) -> None:
         """Store the current round's outcome in the per-problem history.
 
         Args:
@@ -286,9 +300,9 @@ class Curriculum:
 
     def observe(
         self,
-        ids: Any,
-        pass_rates: Any,
-        counts: Any = None,
+        ids: torch.Tensor | Sequence[int],
+        pass_rates: torch.Tensor | Sequence[float],
+        counts: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
         """Record pass rates observed outside a selection round, e.g. in a training batch.
 
@@ -325,7 +339,12 @@ class Curriculum:
         }
         self._apply(where, entry)
 
-    def _entry(self, where: str, selection: Any, candidates: Any) -> dict[str, Any]:
+    def _entry(
+        self,
+        where: str,
+        selection: HasIds | torch.Tensor | Sequence[int],
+        candidates: HasIds | None,
+    ) -> dict[str, Any]:
         """Validate a selection and flatten it to the plain-Python entry kept in the state."""
         sel_ids, sel_val = selection, None
         if hasattr(selection, "ids"):  # else: the ids themselves

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from gradalign._calls import api_call, current_call
 from gradalign.candidates import Candidates
@@ -403,7 +404,7 @@ class DistributedGradAlign:
     @api_call("GradAlign.targets")
     def targets(
         self,
-        model: Any,
+        model: nn.Module,
         validation: Rollouts | None,
         *,
         tasks: Mapping[int, Any] | None = None,
@@ -427,7 +428,7 @@ class DistributedGradAlign:
     @api_call("GradAlign.alignment")
     def alignment(
         self,
-        model: Any,
+        model: nn.Module,
         candidates: Rollouts | None,
         validation: Rollouts | None,
         *,
@@ -459,7 +460,7 @@ class DistributedGradAlign:
     @api_call("GradAlign.score")
     def score(
         self,
-        model: Any,
+        model: nn.Module,
         candidates: Rollouts | None,
         validation: Rollouts | None,
         *,
@@ -473,7 +474,7 @@ class DistributedGradAlign:
     @api_call("GradAlign.select")
     def select(
         self,
-        model: Any,
+        model: nn.Module,
         candidates: Rollouts | None,
         validation: Rollouts | None,
         *,

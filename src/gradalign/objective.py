@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -306,7 +305,9 @@ class GRPOObjective(Objective):
         return self.prepare(rollouts).token_weights(logprobs, rows=rows, width=width)
 
 
-def prepare_weights(call: str, objective: Any, rollouts: Rollouts) -> TokenWeights:
+def prepare_weights(
+    call: str, objective: Objective | TokenWeights | None, rollouts: Rollouts
+) -> TokenWeights:
     """``objective`` prepared for ``rollouts``: an :class:`Objective` (None: ``GRPOObjective()``),
     or :class:`TokenWeights` already prepared for them."""
     if objective is None:
