@@ -13,7 +13,7 @@ from __future__ import annotations
 from gradalign import policies
 from gradalign._forward import response_logprobs
 from gradalign.candidates import Candidates
-from gradalign.curriculum import Curriculum, ProblemStats, SelectionSampler
+from gradalign.curriculum import Curriculum, ProblemStats
 from gradalign.diagnostics import ScoreBreakdown, score_breakdown, segment_norms
 from gradalign.distributed import DistributedGradAlign
 from gradalign.errors import GradAlignError
@@ -28,6 +28,7 @@ from gradalign.extractors import (
 from gradalign.objective import GRPOObjective, Objective, TokenWeightObjective
 from gradalign.preconditioning import AdamPreconditioner
 from gradalign.rollouts import Rollouts
+from gradalign.sampler import SelectionSampler
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
 from gradalign.selector import Alignment, GradAlign, Selection
 from gradalign.store import GradientStore

@@ -1,70 +1,33 @@
 """Rounds over the problem pool, per-problem history, and a torch Sampler over the selection.
 
 Implementations: :class:`Curriculum` (seeded chunks of ``range(pool_size)``, a fresh permutation
-per pass; a round counter; the history of recorded selections; an exact ``state_dict`` resume),
-:class:`ProblemStats` (its per-problem table) and :class:`SelectionSampler` (a
-``torch.utils.data.Sampler[int]`` over the latest selection in TRL's ``RepeatSampler`` layout,
-seeded and rank-aware). :class:`SelectionSource` is the protocol that the sampler reads.
+per pass; a round counter; one log of recorded selections and observed pass rates, from which
+every per-problem table is derived; an exact ``state_dict`` resume) and :class:`ProblemStats` (its
+per-problem table). The torch ``Sampler`` over the selection, :class:`SelectionSampler`, lives in
+:mod:`gradalign.sampler` and is re-exported here.
 
 Shape glossary: N pool size, M chunk size, C candidates of a round, K selected problems.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch.utils.data import Sampler
 
-from gradalign._validate import check_int
+from gradalign._history import Tables as _Tables
+from gradalign._history import is_record as _is_record
+from gradalign._problem_ids import _check_int, _ids, _permutation, _tensor
 from gradalign.errors import GradAlignError
+from gradalign.sampler import SelectionSampler, SelectionSource  # re-exported: the old home
 
 __all__ = ["Curriculum", "HasIds", "ProblemStats", "SelectionSampler", "SelectionSource"]
 
 _STATE_FORMAT = 1
 _ARG_KEYS = ("format", "pool_size", "chunk_size", "seed")
 _STATE_KEYS = (*_ARG_KEYS, "round", "pass_index", "offset", "records")
-
-
-def _permutation(n: int, *parts: object) -> torch.Tensor:
-    """(n,) int64 permutation from a local generator seeded by ``parts``, same in every process."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    return torch.randperm(n, generator=generator)
-
-
-def _check_int(where: str, name: str, value: Any, minimum: int | None = None) -> int:
-    return int(check_int(where, name, value, minimum))
-
-
-def _tensor(where: str, name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        kind = type(value).__name__
-        raise GradAlignError(f"{where}: {name} must be a tensor of numbers, got {kind}") from exc
-
-
-def _ids(where: str, name: str, value: Any, pool_size: int) -> torch.Tensor:
-    """Problem ids: 1-D integers, unique, in [0, pool_size). Returns (n,) int64 on CPU."""
-    ids = _tensor(where, name, value)
-    integer = not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
-    if ids.dim() != 1 or not (integer or ids.numel() == 0):
-        raise GradAlignError(
-            f"{where}: {name} must be 1-D integers, got shape {tuple(ids.shape)} {ids.dtype}"
-        )
-    ids = ids.to("cpu", torch.int64)
-    bad = ids[(ids < 0) | (ids >= pool_size)][:5].tolist()
-    if bad:
-        raise GradAlignError(f"{where}: {name} must be in [0, {pool_size}), got {bad}")
-    if torch.unique(ids).numel() != ids.numel():
-        raise GradAlignError(f"{where}: {name} must not repeat a problem, got {ids[:20].tolist()}")
-    return ids
 
 
 def _values(where: str, name: str, value: Any, n: int) -> torch.Tensor:
@@ -76,79 +39,6 @@ def _values(where: str, name: str, value: Any, n: int) -> torch.Tensor:
     if not bool(torch.isfinite(values).all()):
         raise GradAlignError(f"{where}: {name} must be finite, got {values[:20].tolist()}")
     return values
-
-
-def _is_record(entry: Any) -> bool:
-    """A recorded round (entries of states saved before observations existed have no kind)."""
-    return not isinstance(entry, dict) or entry.get("kind", "record") == "record"
-
-
-@dataclass
-class _Tables:
-    """Per-problem tables replayed from a curriculum's log."""
-
-    seen_count: torch.Tensor  # (N,) int64
-    selected_count: torch.Tensor  # (N,) int64
-    last_round: torch.Tensor  # (N,) int64
-    last: dict[str, torch.Tensor]  # "scores"/"accuracy" -> (N,) float32
-    known: dict[str, torch.Tensor]  # "scores"/"accuracy" -> (N,) bool
-    hist: dict[str, dict[int, list[tuple[int, float]]]]
-    selected_rounds: dict[int, list[int]]
-    obs_count: torch.Tensor  # (N,) int64 rollouts observed
-    obs_sum: torch.Tensor  # (N,) float64 reward sum of observed rollouts
-    obs_last: torch.Tensor  # (N,) float32
-    obs_index: torch.Tensor  # (N,) int64 index of the latest observation, -1: never
-
-    @classmethod
-    def replay(cls, n: int, log: list[dict[str, Any]]) -> _Tables:
-        t = cls(
-            seen_count=torch.zeros(n, dtype=torch.int64),
-            selected_count=torch.zeros(n, dtype=torch.int64),
-            last_round=torch.full((n,), -1, dtype=torch.int64),
-            last={k: torch.zeros(n, dtype=torch.float32) for k in ("scores", "accuracy")},
-            known={k: torch.zeros(n, dtype=torch.bool) for k in ("scores", "accuracy")},
-            hist={"scores": {}, "accuracy": {}},
-            selected_rounds={},
-            obs_count=torch.zeros(n, dtype=torch.int64),
-            obs_sum=torch.zeros(n, dtype=torch.float64),
-            obs_last=torch.zeros(n, dtype=torch.float32),
-            obs_index=torch.full((n,), -1, dtype=torch.int64),
-        )
-        observations = 0
-        for e in log:
-            if _is_record(e):
-                t._add_record(e)
-            else:
-                t._add_observation(e, observations)
-                observations += 1
-        return t
-
-    def _set(self, key: str, r: int, ids: list[int], values: list[float]) -> None:
-        if ids:
-            self.last[key][ids] = torch.tensor(values, dtype=torch.float32)
-            self.known[key][ids] = True
-        for pid, value in zip(ids, values, strict=True):
-            self.hist[key].setdefault(pid, []).append((r, value))
-
-    def _add_record(self, e: dict[str, Any]) -> None:
-        r, seen, selected = e["round"], e["seen"], e["selected"]
-        self.seen_count[seen] += 1
-        self.last_round[seen] = r
-        self.selected_count[selected] += 1
-        for pid in selected:
-            self.selected_rounds.setdefault(pid, []).append(r)
-        for key in ("scores", "accuracy"):
-            self._set(key, r, e[f"{key}_ids"], e[key])
-
-    def _add_observation(self, e: dict[str, Any], index: int) -> None:
-        ids, rates, counts = e["ids"], e["pass_rates"], e["counts"]
-        self._set("accuracy", e["round"], ids, rates)
-        if ids:
-            c = torch.tensor(counts, dtype=torch.int64)
-            self.obs_count[ids] += c
-            self.obs_sum[ids] += torch.tensor(rates, dtype=torch.float64) * c
-            self.obs_last[ids] = torch.tensor(rates, dtype=torch.float32)
-            self.obs_index[ids] = index
 
 
 def _copy_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -507,188 +397,3 @@ class Curriculum:
             except (KeyError, TypeError) as exc:
                 raise GradAlignError(f"{where}: records[round={r}] is malformed ({exc!r})") from exc
         self.__dict__.update(fresh.__dict__)
-
-
-@runtime_checkable
-class SelectionSource(Protocol):
-    """What :class:`SelectionSampler` reads; :class:`Curriculum` is one."""
-
-    @property
-    def pool_size(self) -> int: ...
-
-    @property
-    def num_records(self) -> int: ...
-
-    def selected_ids(self) -> torch.Tensor: ...
-
-
-class SelectionSampler(Sampler[int]):
-    """Indices of the latest recorded selection, each repeated ``num_generations`` times in a row.
-
-    Every ``__iter__`` snapshots the source's latest selection (K problems); one recorded while an
-    iterator runs is served from the next ``__iter__`` on. Before any record it serves
-    ``initial_ids`` if given, else the whole pool. With ``shuffle`` the problems are permuted by a
-    local generator seeded by ``(seed, source.num_records, epoch)``, else kept in rank order. As in
-    ``DistributedSampler``, the list is padded by wrapping around to a multiple of
-    ``num_replicas`` and rank r takes every ``num_replicas``-th problem from position r: equal
-    lengths, one order on all ranks. As in TRL's ``RepeatSampler``, the rank's problems are cut into
-    blocks of ``batch_size`` (the last padded by wrapping; one block if None), each block is served
-    ``repeat_count`` times and each problem ``num_generations`` times consecutively.
-
-    Args:
-        source: a :class:`Curriculum` or any :class:`SelectionSource`.
-        num_generations: rollouts per problem, >= 1.
-        seed: base seed of the order.
-        num_replicas: ranks sharing the selection, >= 1.
-        rank: this rank, in ``[0, num_replicas)``.
-        shuffle: permute the problems (anew per selection and epoch).
-        repeat_count: times each block is served in a row, >= 1.
-        batch_size: problems per block, or None for all of the rank's problems.
-        initial_ids: (K0,) problem ids served before the first record.
-        endless: serve forever instead of once per ``__iter__`` (for trainers that draw from one
-            iterator for the whole run, like TRL's): every block starts by checking the source,
-            and after a new record the blocks walk the new selection from its start; within one
-            selection the rank's problems are walked in passes, pass p in the order of epoch p,
-            so every selected problem is served once per pass. Needs ``batch_size``; such a
-            sampler has no length.
-
-    Raises:
-        GradAlignError: bad settings; from ``__iter__`` and ``__len__``, an empty selection.
-
-    Example:
-        >>> cur = Curriculum(pool_size=4, chunk_size=4)
-        >>> sampler = SelectionSampler(cur, num_generations=2, shuffle=False)
-        >>> list(sampler)
-        [0, 0, 1, 1, 2, 2, 3, 3]
-        >>> _ = cur.next_chunk()
-        >>> cur.record(torch.tensor([3, 1]))
-        >>> list(sampler), len(sampler)
-        ([3, 3, 1, 1], 4)
-    """
-
-    def __init__(
-        self,
-        source: SelectionSource,
-        *,
-        num_generations: int = 1,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        repeat_count: int = 1,
-        batch_size: int | None = None,
-        initial_ids: torch.Tensor | None = None,
-        endless: bool = False,
-    ) -> None:
-        super().__init__()
-        where = type(self).__name__
-        if not isinstance(source, SelectionSource):
-            raise GradAlignError(
-                f"{where}: source must have pool_size, num_records and selected_ids(), "
-                f"got {type(source).__name__}"
-            )
-        self._source = source
-        self._num_generations = _check_int(where, "num_generations", num_generations, minimum=1)
-        self._seed = _check_int(where, "seed", seed)
-        self._num_replicas = _check_int(where, "num_replicas", num_replicas, minimum=1)
-        self._rank = _check_int(where, "rank", rank, minimum=0)
-        if rank >= num_replicas:
-            raise GradAlignError(f"{where}: rank must be < num_replicas={num_replicas}, got {rank}")
-        self._shuffle = bool(shuffle)
-        self._repeat_count = _check_int(where, "repeat_count", repeat_count, minimum=1)
-        if batch_size is not None:
-            _check_int(where, "batch_size", batch_size, minimum=1)
-        self._batch_size = batch_size
-        self._initial = initial_ids
-        if initial_ids is not None:
-            self._initial = _ids(where, "initial_ids", initial_ids, source.pool_size)
-        self._epoch = 0
-        self._endless = bool(endless)
-        if self._endless and batch_size is None:
-            raise GradAlignError(f"{where}: an endless sampler needs a batch_size, got None")
-        self._stream_version, self._stream_pass = -1, 0
-        self._queue = torch.zeros(0, dtype=torch.long)
-
-    @property
-    def batch_size(self) -> int | None:
-        """Problems per block (None: all of the rank's problems)."""
-        return self._batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that, with the seed and the selection, fixes the order."""
-        self._epoch = _check_int("SelectionSampler.set_epoch", "epoch", epoch, minimum=0)
-
-    def _selection(self, where: str) -> torch.Tensor:
-        if self._source.num_records == 0:
-            ids = torch.arange(self._source.pool_size) if self._initial is None else self._initial
-        else:
-            ids = self._source.selected_ids().to("cpu", torch.int64)
-        if ids.numel() == 0:
-            raise GradAlignError(
-                f"{where}: the selection of record {self._source.num_records} is empty; "
-                "there is nothing to serve"
-            )
-        return ids  # (K,)
-
-    def _sizes(self, k: int) -> tuple[int, int, int]:
-        per_rank = -(-k // self._num_replicas)
-        block = self._batch_size or per_rank
-        return per_rank, block, -(-per_rank // block)
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        """(P,) this rank's problems of the current selection, in the order of ``epoch``."""
-        ids = self._selection(f"{type(self).__name__}.__iter__")  # (K,)
-        if self._shuffle:
-            version = self._source.num_records
-            ids = ids[_permutation(len(ids), "sampler", self._seed, version, epoch)]
-        per_rank = -(-len(ids) // self._num_replicas)
-        padded = ids[torch.arange(per_rank * self._num_replicas) % len(ids)]  # (P * R,)
-        return padded[self._rank :: self._num_replicas]  # (P,)
-
-    def __iter__(self) -> Iterator[int]:
-        if self._endless:
-            return self._stream()
-        mine = self._order(self._epoch)  # (P,)
-        per_rank = len(mine)
-        block = self._batch_size or per_rank
-        n_blocks = -(-per_rank // block)
-        mine = mine[torch.arange(n_blocks * block) % per_rank].view(n_blocks, 1, block)  # (B, 1, b)
-        out = mine.expand(n_blocks, self._repeat_count, block)  # (B, repeat, b)
-        out = out.repeat_interleave(self._num_generations, dim=-1)  # (B, repeat, b * G)
-        return iter(out.reshape(-1).tolist())
-
-    def __len__(self) -> int:
-        if self._endless:
-            raise TypeError(
-                f"{type(self).__name__}: an endless sampler has no length; give the trainer a "
-                "number of steps (max_steps)"
-            )
-        _, block, n_blocks = self._sizes(len(self._selection("SelectionSampler.__len__")))
-        return n_blocks * block * self._repeat_count * self._num_generations
-
-    def current_ids(self) -> torch.Tensor:
-        """(P,) the problems this rank serves from the next block on, in no particular order."""
-        return self._order(0)
-
-    def next_block(self) -> torch.Tensor:
-        """(batch_size,) the next block of an endless stream; a selection smaller than a block
-        repeats within it."""
-        version = self._source.num_records
-        if version != self._stream_version:
-            self._stream_version, self._stream_pass = version, 0
-            self._queue = self._order(0)
-        parts, need = [], self._batch_size or len(self._queue)
-        while need:
-            if not len(self._queue):
-                self._stream_pass += 1
-                self._queue = self._order(self._stream_pass)
-            parts.append(self._queue[:need])
-            self._queue = self._queue[len(parts[-1]) :]
-            need -= len(parts[-1])
-        return torch.cat(parts)
-
-    def _stream(self) -> Iterator[int]:
-        while True:
-            block = self.next_block()  # (b,)
-            rows = block.repeat_interleave(self._num_generations)  # (b * G,)
-            yield from rows.repeat(self._repeat_count).tolist()  # (repeat * b * G,)

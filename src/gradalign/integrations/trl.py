@@ -61,7 +61,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from gradalign._validate import check_int
-from gradalign.curriculum import Curriculum, SelectionSampler, SelectionSource
+from gradalign.curriculum import Curriculum
 from gradalign.errors import GradAlignError
 from gradalign.integrations.trl_config import (
     LOSS_AGGREGATION_OF,
@@ -69,6 +69,7 @@ from gradalign.integrations.trl_config import (
 )
 from gradalign.objective import GRPOObjective
 from gradalign.rollouts import Rollouts
+from gradalign.sampler import SelectionSampler, SelectionSource
 from gradalign.selector import GradAlign, Selection
 
 __all__ = [

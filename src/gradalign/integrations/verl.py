@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Sampler
 
-from gradalign.curriculum import Curriculum, SelectionSampler
+from gradalign.curriculum import Curriculum
 from gradalign.errors import GradAlignError
 from gradalign.integrations.verl_data import (
     BatchGroups,
@@ -56,6 +56,7 @@ from gradalign.integrations.verl_data import (
 )
 from gradalign.policies import TopFraction, TopK
 from gradalign.rollouts import Rollouts
+from gradalign.sampler import SelectionSampler
 from gradalign.selector import GradAlign, Selection
 
 if TYPE_CHECKING:

@@ -1,0 +1,208 @@
+"""A torch ``Sampler`` over the latest selection: the one sampler every trainer integration uses.
+
+Implementations: :class:`SelectionSampler` (``torch.utils.data.Sampler[int]`` over the latest
+recorded selection in TRL's ``RepeatSampler`` layout, seeded and rank-aware; finite per
+``__iter__``, or endless for trainers that draw from one iterator for the whole run) and
+:class:`SelectionSource` (the protocol it reads; :class:`~gradalign.Curriculum` is one).
+
+Shape glossary: K selected problems, P problems of this rank, R ranks, B blocks, b block size,
+G generations per problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import Sampler
+
+from gradalign._problem_ids import _check_int, _ids, _permutation
+from gradalign.errors import GradAlignError
+
+__all__ = ["SelectionSampler", "SelectionSource"]
+
+
+@runtime_checkable
+class SelectionSource(Protocol):
+    """What :class:`SelectionSampler` reads; :class:`Curriculum` is one."""
+
+    @property
+    def pool_size(self) -> int: ...
+
+    @property
+    def num_records(self) -> int: ...
+
+    def selected_ids(self) -> torch.Tensor: ...
+
+
+class SelectionSampler(Sampler[int]):
+    """Indices of the latest recorded selection, each repeated ``num_generations`` times in a row.
+
+    Every ``__iter__`` snapshots the source's latest selection (K problems); one recorded while an
+    iterator runs is served from the next ``__iter__`` on. Before any record it serves
+    ``initial_ids`` if given, else the whole pool. With ``shuffle`` the problems are permuted by a
+    local generator seeded by ``(seed, source.num_records, epoch)``, else kept in rank order. As in
+    ``DistributedSampler``, the list is padded by wrapping around to a multiple of
+    ``num_replicas`` and rank r takes every ``num_replicas``-th problem from position r: equal
+    lengths, one order on all ranks. As in TRL's ``RepeatSampler``, the rank's problems are cut into
+    blocks of ``batch_size`` (the last padded by wrapping; one block if None), each block is served
+    ``repeat_count`` times and each problem ``num_generations`` times consecutively.
+
+    Args:
+        source: a :class:`Curriculum` or any :class:`SelectionSource`.
+        num_generations: rollouts per problem, >= 1.
+        seed: base seed of the order.
+        num_replicas: ranks sharing the selection, >= 1.
+        rank: this rank, in ``[0, num_replicas)``.
+        shuffle: permute the problems (anew per selection and epoch).
+        repeat_count: times each block is served in a row, >= 1.
+        batch_size: problems per block, or None for all of the rank's problems.
+        initial_ids: (K0,) problem ids served before the first record.
+        endless: serve forever instead of once per ``__iter__`` (for trainers that draw from one
+            iterator for the whole run, like TRL's): every block starts by checking the source,
+            and after a new record the blocks walk the new selection from its start; within one
+            selection the rank's problems are walked in passes, pass p in the order of epoch p,
+            so every selected problem is served once per pass. Needs ``batch_size``; such a
+            sampler has no length.
+
+    Raises:
+        GradAlignError: bad settings; from ``__iter__`` and ``__len__``, an empty selection.
+
+    Example:
+        >>> cur = Curriculum(pool_size=4, chunk_size=4)
+        >>> sampler = SelectionSampler(cur, num_generations=2, shuffle=False)
+        >>> list(sampler)
+        [0, 0, 1, 1, 2, 2, 3, 3]
+        >>> _ = cur.next_chunk()
+        >>> cur.record(torch.tensor([3, 1]))
+        >>> list(sampler), len(sampler)
+        ([3, 3, 1, 1], 4)
+    """
+
+    def __init__(
+        self,
+        source: SelectionSource,
+        *,
+        num_generations: int = 1,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        repeat_count: int = 1,
+        batch_size: int | None = None,
+        initial_ids: torch.Tensor | None = None,
+        endless: bool = False,
+    ) -> None:
+        super().__init__()
+        where = type(self).__name__
+        if not isinstance(source, SelectionSource):
+            raise GradAlignError(
+                f"{where}: source must have pool_size, num_records and selected_ids(), "
+                f"got {type(source).__name__}"
+            )
+        self._source = source
+        self._num_generations = _check_int(where, "num_generations", num_generations, minimum=1)
+        self._seed = _check_int(where, "seed", seed)
+        self._num_replicas = _check_int(where, "num_replicas", num_replicas, minimum=1)
+        self._rank = _check_int(where, "rank", rank, minimum=0)
+        if rank >= num_replicas:
+            raise GradAlignError(f"{where}: rank must be < num_replicas={num_replicas}, got {rank}")
+        self._shuffle = bool(shuffle)
+        self._repeat_count = _check_int(where, "repeat_count", repeat_count, minimum=1)
+        if batch_size is not None:
+            _check_int(where, "batch_size", batch_size, minimum=1)
+        self._batch_size = batch_size
+        self._initial = initial_ids
+        if initial_ids is not None:
+            self._initial = _ids(where, "initial_ids", initial_ids, source.pool_size)
+        self._epoch = 0
+        self._endless = bool(endless)
+        if self._endless and batch_size is None:
+            raise GradAlignError(f"{where}: an endless sampler needs a batch_size, got None")
+        self._stream_version, self._stream_pass = -1, 0
+        self._queue = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Problems per block (None: all of the rank's problems)."""
+        return self._batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with the seed and the selection, fixes the order."""
+        self._epoch = _check_int("SelectionSampler.set_epoch", "epoch", epoch, minimum=0)
+
+    def _selection(self, where: str) -> torch.Tensor:
+        if self._source.num_records == 0:
+            ids = torch.arange(self._source.pool_size) if self._initial is None else self._initial
+        else:
+            ids = self._source.selected_ids().to("cpu", torch.int64)
+        if ids.numel() == 0:
+            raise GradAlignError(
+                f"{where}: the selection of record {self._source.num_records} is empty; "
+                "there is nothing to serve"
+            )
+        return ids  # (K,)
+
+    def _sizes(self, k: int) -> tuple[int, int, int]:
+        per_rank = -(-k // self._num_replicas)
+        block = self._batch_size or per_rank
+        return per_rank, block, -(-per_rank // block)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        """(P,) this rank's problems of the current selection, in the order of ``epoch``."""
+        ids = self._selection(f"{type(self).__name__}.__iter__")  # (K,)
+        if self._shuffle:
+            version = self._source.num_records
+            ids = ids[_permutation(len(ids), "sampler", self._seed, version, epoch)]
+        per_rank = -(-len(ids) // self._num_replicas)
+        padded = ids[torch.arange(per_rank * self._num_replicas) % len(ids)]  # (P * R,)
+        return padded[self._rank :: self._num_replicas]  # (P,)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._endless:
+            return self._stream()
+        mine = self._order(self._epoch)  # (P,)
+        per_rank = len(mine)
+        block = self._batch_size or per_rank
+        n_blocks = -(-per_rank // block)
+        mine = mine[torch.arange(n_blocks * block) % per_rank].view(n_blocks, 1, block)  # (B, 1, b)
+        out = mine.expand(n_blocks, self._repeat_count, block)  # (B, repeat, b)
+        out = out.repeat_interleave(self._num_generations, dim=-1)  # (B, repeat, b * G)
+        return iter(out.reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        if self._endless:
+            raise TypeError(
+                f"{type(self).__name__}: an endless sampler has no length; give the trainer a "
+                "number of steps (max_steps)"
+            )
+        _, block, n_blocks = self._sizes(len(self._selection("SelectionSampler.__len__")))
+        return n_blocks * block * self._repeat_count * self._num_generations
+
+    def current_ids(self) -> torch.Tensor:
+        """(P,) the problems this rank serves from the next block on, in no particular order."""
+        return self._order(0)
+
+    def next_block(self) -> torch.Tensor:
+        """(batch_size,) the next block of an endless stream; a selection smaller than a block
+        repeats within it."""
+        version = self._source.num_records
+        if version != self._stream_version:
+            self._stream_version, self._stream_pass = version, 0
+            self._queue = self._order(0)
+        parts, need = [], self._batch_size or len(self._queue)
+        while need:
+            if not len(self._queue):
+                self._stream_pass += 1
+                self._queue = self._order(self._stream_pass)
+            parts.append(self._queue[:need])
+            self._queue = self._queue[len(parts[-1]) :]
+            need -= len(parts[-1])
+        return torch.cat(parts)
+
+    def _stream(self) -> Iterator[int]:
+        while True:
+            block = self.next_block()  # (b,)
+            rows = block.repeat_interleave(self._num_generations)  # (b * G,)
+            yield from rows.repeat(self._repeat_count).tolist()  # (repeat * b * G,)
