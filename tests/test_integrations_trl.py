@@ -331,3 +331,117 @@ def test_training_with_selection_converges_on_easy_reward(tmp_path: Any) -> None
     early, late = sum(means[:5]) / 5, sum(means[-5:]) / 5
     assert trainer.curriculum.num_records >= 1
     assert late > early + 0.4, (early, late)
+
+
+# -- rounds with nothing to select --------------------------------------------------------------
+
+
+def _constant(completions: list[str], **_: Any) -> list[float]:
+    return [1.0 for _ in completions]
+
+
+@pytest.mark.filterwarnings(TRL_DEPRECATION)
+@pytest.mark.parametrize("on_empty", ["previous", "all", "random", "error"])
+def test_a_round_without_reward_spread_falls_back_loudly(tmp_path: Any, on_empty: str) -> None:
+    pool, val = _datasets()
+    trainer = GradAlignGRPOTrainer(
+        tiny_model("qwen2", seed=0),
+        _constant,
+        _config(tmp_path, max_steps=2),
+        pool,
+        validation_dataset=val,
+        processing_class=_tokenizer(),
+        selector=ga.GradAlign(policy=ga.policies.TopFraction(0.5)),
+        chunk_size=8,
+        rescore_every=10,
+        on_empty=on_empty,
+    )
+    if on_empty == "error":
+        with (
+            pytest.raises(ga.GradAlignError, match=r"every validation group has zero reward"),
+            pytest.warns(UserWarning, match="on_empty='error'"),
+        ):
+            trainer.run_selection_round()
+        return
+    with pytest.warns(UserWarning, match=r"round 0 at step 0: every validation group has zero"):
+        out = trainer.run_selection_round()
+    assert trainer.fallback_rounds == 1
+    assert trainer._metrics["train"]["gradalign/fallback"] == [1.0]
+    chunk = trainer.curriculum.state_dict()  # the round's chunk is the first of pass 0
+    if on_empty == "previous":
+        assert out is None and trainer.curriculum.num_records == 0
+        return
+    assert out is not None
+    (record,) = chunk["records"]
+    if on_empty == "all":
+        assert len(record["selected"]) == 8
+    else:
+        assert len(record["selected"]) == 4  # half the chunk before any selection
+
+
+def test_on_empty_is_checked(tmp_path: Any) -> None:
+    pool, val = _datasets()
+    with pytest.raises(ga.GradAlignError, match=r"on_empty must be one of"):
+        GradAlignGRPOTrainer(
+            tiny_model(),
+            _constant,
+            _config(tmp_path, max_steps=2),
+            pool,
+            validation_dataset=val,
+            processing_class=_tokenizer(),
+            on_empty="skip",
+        )
+
+
+# -- several processes (torchrun, gloo on CPU) --------------------------------------------------
+
+
+def _torchrun(out: Any, n: int, *extra: str) -> list[dict[str, Any]]:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:  # a free port for this run's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    cmd += ["--master_port", str(port), "-m", "tests.trl_worker", str(out), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    files = sorted(Path(out).glob("rank*.json"))
+    assert len(files) == n, proc.stderr[-3000:]
+    return [json.loads(f.read_text()) for f in files]
+
+
+@pytest.mark.distributed
+def test_two_processes_select_once_and_serve_each_rank_its_part(tmp_path: Any) -> None:
+    one = _torchrun(tmp_path / "one", 1)[0]
+    two = _torchrun(tmp_path / "two", 2)
+    assert all(r["error"] is None for r in [one, *two]), [r["error"] for r in [one, *two]]
+    # Every rank records the same selections: the selection is computed once, for all ranks.
+    assert two[0]["selections"] == two[1]["selections"]
+    assert len(two[0]["selections"]) == 2
+    # The first round scores the same policy with the same rollouts (seeded per generation call,
+    # not per process): the 2-process selection equals the 1-process one.
+    assert two[0]["selections"][0] == one["selections"][0]
+    # Each rank trains on its half of every generation batch, and only on selected problems.
+    for rank in two:
+        first, second = rank["served"][:8], rank["served"][8:]
+        assert set(first) <= set(two[0]["selections"][0])
+        assert set(second) <= set(two[0]["selections"][1])
+    both = two[0]["served"][:8] + two[1]["served"][:8]
+    assert set(both) == set(two[0]["selections"][0])
+
+
+@pytest.mark.distributed
+def test_a_stalled_rank_fails_the_round_within_the_timeout(tmp_path: Any) -> None:
+    ranks = _torchrun(tmp_path / "stall", 2, "--stall-rank", "1", "--stall", "9")
+    error = ranks[0]["error"]
+    assert error is not None and error.startswith(
+        "GradAlign: rank 1 did not reach selection round 1 within 5 s"
+    ), error
+    assert ranks[0]["waited"] < 5 + 10  # the first round and two steps, then the 5 s timeout

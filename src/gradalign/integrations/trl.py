@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -60,8 +62,10 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from gradalign._validate import check_int
+from gradalign._validate import check_choice, check_int
+from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum
+from gradalign.distributed import Distributed, barrier
 from gradalign.errors import GradAlignError
 from gradalign.integrations.trl_config import (
     LOSS_AGGREGATION_OF,
@@ -200,6 +204,15 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         rescore_every: optimizer steps between rounds.
         num_validation_generations: completions per validation prompt; default
             ``num_generations``.
+        on_empty: what a round that yields no informative selection does (every validation or
+            candidate group without reward spread, no scorable candidate, a policy that selects
+            nothing, or only zero scores): "previous" keeps the selection in force (the whole
+            pool before the first), "random" records a seeded random sample of the chunk (as
+            many problems as the last selection; half the chunk before any), "all" records the
+            whole chunk, "error" raises. Each such round warns once and logs
+            ``gradalign/fallback`` = 1.
+        round_timeout: with several processes, seconds a rank waits for the others at each
+            synchronisation point of a round before raising (None: the process group's timeout).
         **kwargs: passed on to ``GRPOTrainer`` (``processing_class``, ``callbacks``, ...).
 
     Attributes:
@@ -207,6 +220,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         last_selection: the latest recorded :class:`~gradalign.Selection` (None before).
         in_selection_round: True while a round samples and scores (reward functions may check it).
         replaced_batches: generation batches drawn before a round and replaced after it.
+        fallback_rounds: rounds that fell back (see ``on_empty``).
 
     Raises:
         GradAlignError: unsupported settings (see the module docstring) or bad arguments.
@@ -234,6 +248,8 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         chunk_size: int | None = None,
         rescore_every: int = 10,
         num_validation_generations: int | None = None,
+        on_empty: str = "previous",
+        round_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         where = "GradAlignGRPOTrainer"
@@ -250,6 +266,8 @@ class GradAlignGRPOTrainer(GRPOTrainer):
                 f"{where}: objective must be a GRPOObjective, got {type(objective).__name__}"
             )
         self.rescore_every = _check_count(where, "rescore_every", rescore_every)
+        self.on_empty = check_choice(where, "on_empty", on_empty, ON_EMPTY)
+        self._settings = Distributed(timeout=round_timeout)
         self.curriculum = _curriculum(where, curriculum, chunk_size, train_dataset, args)
         tagged = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
         super().__init__(model, reward_funcs, args, tagged, **kwargs)
@@ -266,9 +284,12 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         )
         self.selector = copy.copy(selector) if selector is not None else GradAlign()
         self.selector.objective = self.objective
+        if self.accelerator.num_processes > 1 and self.selector.distributed in ("auto", True):
+            self.selector.distributed = self._settings
         self.last_selection: Selection | None = None
         self.in_selection_round = False
         self.replaced_batches = 0
+        self.fallback_rounds = 0
         self._sampler: StreamingSelectionSampler | None = None
         self.add_callback(_SelectionRounds(self))
 
@@ -293,7 +314,6 @@ class GradAlignGRPOTrainer(GRPOTrainer):
                 f"Trainer cannot count epochs), got {self.args.max_steps}"
             )
         problems = {
-            "more than one process": self.accelerator.num_processes > 1,
             "tools": bool(self.tools),
             "rollout_func": self.rollout_func is not None,
             "environment_factory": self.environment_factories is not None,
@@ -351,6 +371,10 @@ class GradAlignGRPOTrainer(GRPOTrainer):
             fresh.extend(
                 {key: row[key] for key in keys} for _ in range(self._config.num_generations)
             )
+        # The block is the whole generation batch; accelerate hands rank r its r-th slice.
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if world > 1 and len(fresh) == world * len(rows):
+            fresh = fresh[rank * len(rows) : (rank + 1) * len(rows)]
         if len(fresh) != len(rows):
             raise GradAlignError(
                 f"GradAlignGRPOTrainer: a generation batch has {len(rows)} rows but a sampler "
@@ -364,41 +388,98 @@ class GradAlignGRPOTrainer(GRPOTrainer):
     def run_selection_round(self) -> Selection | None:
         """Score the next chunk of the pool with the current policy and record the selection.
 
-        A round whose validation rollouts all have zero reward spread (no target gradient), whose
-        candidates got no usable rollout, or whose policy selects nothing is logged and skipped:
-        the previous selection stays in force.
+        With several processes every rank samples and scores its share of the chunk and of the
+        validation set, and :class:`~gradalign.distributed.DistributedGradAlign` gives every rank
+        the same selection. A round with no informative selection falls back as ``on_empty`` says.
 
         Returns:
-            The recorded selection, or None for a skipped round.
+            The recorded selection, or None when the previous one stays in force.
         """
+        multi = self.accelerator.num_processes > 1
+        if multi:  # a rank that died or hangs fails the round here, not in a collective
+            barrier(f"selection round {self.curriculum.round + 1}", self._settings)
         chunk = self.curriculum.next_chunk()  # (M,)
+        r = self.curriculum.round
         with self._round_context():
-            candidates = self._sample(self._pool, chunk.tolist(), self._config.num_generations)
+            candidates = self._sample(self._pool, chunk.tolist(), self._config.num_generations, r)
             validation = self._sample(
                 self.validation_dataset,
                 range(len(self.validation_dataset)),
                 self.num_validation_generations,
+                r,
                 validation=True,
             )
-        step = self.state.global_step
-        if validation is None or bool(self.objective.zero_spread(validation).all()):
-            logger.warning(
-                "GradAlignGRPOTrainer: round at step %d skipped, every validation group has zero "
-                "reward spread (no target gradient); the previous selection stays",
-                step,
-            )
-            return None
-        if candidates is None:
-            logger.warning("GradAlignGRPOTrainer: round at step %d skipped, no candidate", step)
-            return None
-        model = self.accelerator.unwrap_model(self.model)
-        selection = self.selector.select(model, candidates, validation)
-        if not selection.ids.numel():
-            logger.warning("GradAlignGRPOTrainer: round at step %d selected nothing", step)
-            return None
+        reason = self._empty_reason(candidates, validation)
+        selection = None
+        if reason is None:
+            model = self.accelerator.unwrap_model(self.model)
+            selection = self._select(model, candidates, validation)
+            if not selection.ids.numel():
+                reason = "the policy selected nothing"
+            elif selection.scores is not None and not bool(selection.scores.ne(0).any()):
+                reason = "every selected problem scores 0 (no reward spread)"
+        if reason is not None:
+            return self._fall_back(chunk, reason)
+        assert selection is not None
         self.curriculum.record(selection)
         self.last_selection = selection
-        self._log_round(candidates, validation, selection)
+        self._log_round(candidates, validation, selection, fallback=False)
+        return selection
+
+    def _select(
+        self, model: torch.nn.Module, candidates: Rollouts | None, validation: Rollouts | None
+    ) -> Selection:
+        driver = self.selector.driver()
+        if driver is not None:  # each rank passes its shard (None for none)
+            return driver.select(model, candidates, validation)
+        assert candidates is not None and validation is not None
+        return self.selector.select(model, candidates, validation)
+
+    def _empty_reason(self, candidates: Rollouts | None, validation: Rollouts | None) -> str | None:
+        """Why a round has nothing to select from (the same on every rank), else None."""
+        local = [
+            validation is not None and not bool(self.objective.zero_spread(validation).all()),
+            candidates is not None,
+            candidates is not None and not bool(self.objective.zero_spread(candidates).all()),
+        ]
+        if self.accelerator.num_processes > 1:
+            flags = torch.tensor(local, dtype=torch.int64)
+            gathered = self.accelerator.gather(flags.to(self.accelerator.device)).view(-1, 3)
+            local = [bool(x) for x in gathered.cpu().amax(0).tolist()]
+        if not local[0]:
+            return "every validation group has zero reward spread (no target gradient)"
+        if not local[1]:
+            return "no candidate got a scorable rollout"
+        if not local[2]:
+            return "every candidate group has zero reward spread"
+        return None
+
+    def _fall_back(self, chunk: torch.Tensor, reason: str) -> Selection | None:
+        step = self.state.global_step
+        self.fallback_rounds += 1
+        warnings.warn(
+            f"GradAlignGRPOTrainer: round {self.curriculum.round} at step {step}: {reason}; "
+            f"on_empty={self.on_empty!r}",
+            UserWarning,
+            stacklevel=3,
+        )
+        self._metrics["train"]["gradalign/fallback"].append(1.0)
+        if self.on_empty == "error":
+            raise GradAlignError(
+                f"GradAlignGRPOTrainer.run_selection_round: round {self.curriculum.round} at step "
+                f"{step}: {reason} (on_empty='error')"
+            )
+        if self.on_empty == "previous":
+            return None
+        if self.on_empty == "all":
+            ids = chunk
+        else:  # "random": seeded by the round, the same on every rank
+            last = len(self.curriculum.selected_ids()) or max(1, len(chunk) // 2)
+            gen = torch.Generator().manual_seed(_round_seed(self.args.seed, self.curriculum.round))
+            ids = chunk[torch.randperm(len(chunk), generator=gen)[: min(last, len(chunk))]]
+        selection = Selection(ids=ids.clone(), scores=None, candidates=Candidates(ids=chunk))
+        self.curriculum.record(selection)
+        self.last_selection = selection
         return selection
 
     @contextlib.contextmanager
@@ -420,32 +501,41 @@ class GradAlignGRPOTrainer(GRPOTrainer):
             self.state.num_input_tokens_seen = tokens
 
     def _sample(
-        self, dataset: Dataset, ids: Iterable[int], k: int, *, validation: bool = False
+        self,
+        dataset: Dataset,
+        ids: Iterable[int],
+        k: int,
+        round_index: int,
+        *,
+        validation: bool = False,
     ) -> Rollouts | None:
-        """``k`` scored rollouts of each problem ``ids`` of ``dataset``, grouped by id.
+        """``k`` scored rollouts of each problem ``ids`` of ``dataset`` taken by this rank.
 
-        Validation problem ``i`` gets group id ``-1 - i``: never a pool index, so candidates and
-        validation problems never share an id.
+        The problems are cut into generation calls of ``generation_batch_size // k`` problems
+        (the last one padded by repeating its problems); call c runs on rank ``c % world`` with
+        the torch RNG seeded by ``(seed, round, c)``. So a problem's rollouts are the same however
+        many processes share the round, and every rank makes the same number of calls of the same
+        size (TRL gathers rewards and lengths across ranks inside each call). Padding rows are
+        dropped. Validation problem ``i`` gets group id ``-1 - i``: never a pool index.
         """
         ids = [int(i) for i in ids]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_call = max(1, self._config.generation_batch_size // k)
+        calls = [ids[i : i + per_call] for i in range(0, len(ids), per_call)]
+        mine = list(range(rank, len(calls), world))
+        rounds = -(-len(calls) // world)  # calls per rank, padded with a discarded call
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
         rewards: list[float] = []
         groups: list[int] = []
-        for start in range(0, len(ids), per_call):
-            part = ids[start : start + per_call]
-            rows = [_without_index(dataset[i]) for i in part]
-            inputs = [dict(row) for row in rows for _ in range(k)]
-            prompts = [row["prompt"] for row in inputs]
-            generated = self._generate(prompts)
-            p_ids, c_ids, completions = generated[0], generated[1], generated[3]
-            per_func = self._calculate_rewards(inputs, prompts, completions, c_ids)  # (S, F)
-            total = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)  # (S,)
-            # TRL gives unscorable completions (every reward None) no advantage: leave them out.
-            scorable = ~torch.isnan(per_func).all(dim=1)  # (S,)
+        for j in range(rounds):
+            c = mine[j] if j < len(mine) else 0
+            keep = len(calls[c]) if j < len(mine) else 0
+            part = calls[c] + [calls[c][-1]] * (per_call - len(calls[c]))
+            stream = 2 * round_index + int(validation)
+            p_ids, c_ids, total = self._generate_call(dataset, part, k, stream, c)
             for row, pid in enumerate(i for i in part for _ in range(k)):
-                if bool(scorable[row]) and len(c_ids[row]):
+                if row < keep * k and not bool(torch.isnan(total[row])) and len(c_ids[row]):
                     prompt_ids.append(list(p_ids[row]))
                     completion_ids.append(list(c_ids[row]))
                     rewards.append(float(total[row]))
@@ -456,11 +546,42 @@ class GradAlignGRPOTrainer(GRPOTrainer):
             prompt_ids, completion_ids, rewards, groups, pad_token_id=self._tokenizer.pad_token_id
         )
 
-    def _log_round(self, candidates: Rollouts, validation: Rollouts, selection: Selection) -> None:
+    def _generate_call(
+        self, dataset: Dataset, part: list[int], k: int, stream: int, call: int
+    ) -> tuple[Any, Any, torch.Tensor]:
+        """One generation call: prompt ids, completion ids and (S,) total rewards (NaN:
+        unscorable, every reward function returned None)."""
+        rows = [_without_index(dataset[i]) for i in part]
+        inputs = [dict(row) for row in rows for _ in range(k)]
+        prompts = [row["prompt"] for row in inputs]
+        device = self.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(_round_seed(self.args.seed, stream, call))
+            generated = self._generate(prompts)
+        p_ids, c_ids, completions = generated[0], generated[1], generated[3]
+        per_func = self._calculate_rewards(inputs, prompts, completions, c_ids)  # (W * S, F)
+        n, rank = len(inputs), self.accelerator.process_index
+        per_func = per_func[rank * n : (rank + 1) * n]  # TRL gathers every rank's rows
+        total = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)  # (S,)
+        # TRL gives unscorable completions (every reward None) no advantage: leave them out.
+        total = torch.where(torch.isnan(per_func).all(dim=1), float("nan"), total)
+        return p_ids, c_ids, total.cpu()
+
+    def _log_round(
+        self,
+        candidates: Rollouts | None,
+        validation: Rollouts | None,
+        selection: Selection,
+        *,
+        fallback: bool,
+    ) -> None:
         metrics = self._metrics["train"]
+        metrics["gradalign/fallback"].append(float(fallback))
         metrics["gradalign/num_selected"].append(float(selection.ids.numel()))
-        metrics["gradalign/candidate_reward"].append(candidates.rewards.mean().item())
-        metrics["gradalign/validation_reward"].append(validation.rewards.mean().item())
+        if candidates is not None:
+            metrics["gradalign/candidate_reward"].append(candidates.rewards.mean().item())
+        if validation is not None:
+            metrics["gradalign/validation_reward"].append(validation.rewards.mean().item())
         if selection.scores is not None:
             metrics["gradalign/selected_score"].append(selection.scores.float().mean().item())
 
@@ -476,6 +597,16 @@ def _check_dataset(where: str, name: str, dataset: Any) -> None:
             f"{where}: {name} needs a 'prompt' column and at least one row, got columns "
             f"{dataset.column_names} and {len(dataset)} rows"
         )
+
+
+ON_EMPTY = ("previous", "random", "all", "error")
+"""What :class:`GradAlignGRPOTrainer` does in a round with nothing to select (``on_empty``)."""
+
+
+def _round_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed from the trainer seed and a round's stream and call indices."""
+    digest = hashlib.blake2b("/".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _curriculum(
