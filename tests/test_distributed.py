@@ -263,3 +263,42 @@ def test_options_without_an_initialized_group() -> None:
         Distributed(timeout=0)
     assert Distributed(timeout=2).timedelta == timedelta(seconds=2)
     assert check_distributed_option("GradAlign", False) is False
+
+
+# --- FSDP2: a sharded model ----------------------------------------------------------------------
+
+
+def _torchrun(module: str, out: Path, n: int = 2) -> list[dict[str, Any]]:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    cmd += ["--master_port", str(_free_port()), "-m", module, str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    files = sorted(out.glob("rank*.pt"))
+    assert len(files) == n, proc.stderr[-3000:]
+    return [torch.load(f) for f in files]
+
+
+def test_factorized_gradients_on_an_fsdp2_sharded_model(tmp_path: Path) -> None:
+    from tests import fsdp_worker
+
+    ranks = _torchrun("tests.fsdp_worker", tmp_path)
+    model = tiny_model("qwen2", seed=0)  # the same weights, unsharded, one process
+    cands, val = fsdp_worker.data()
+    expected = {
+        "exact": FactorizedGradient(None, None).per_group(model, cands).grads,
+        "projected": FactorizedGradient(8, 8).per_group(model, cands).grads,
+    }
+    selector = GradAlign(FactorizedGradient(8, 8), policy=TopK(3), distributed=False)
+    reference = selector.select(model, cands, val).ids.tolist()
+    for r in ranks:
+        torch.testing.assert_close(r["exact"], expected["exact"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r["shared"], expected["exact"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r["projected"], expected["projected"], rtol=1e-5, atol=1e-7)
+        assert r["selection"].tolist() == reference
+        assert r["sharded_selection"].tolist() == reference
+        assert r["full"].startswith("FullGradient.per_group: the model is sharded with FSDP2")

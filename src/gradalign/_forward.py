@@ -17,8 +17,9 @@ N response tokens, H hidden size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,36 @@ def _logits_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return logits
 
     return transform
+
+
+def fsdp_root(model: nn.Module) -> Any:
+    """The FSDP2 (``fully_shard``) root of ``model`` or of the model under its peft wrapper, else
+    None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return None
+    for candidate in (model, _unwrap(model)):
+        if isinstance(candidate, FSDPModule):
+            return candidate
+    return None
+
+
+@contextlib.contextmanager
+def unsharded_root(model: nn.Module) -> Iterator[None]:
+    """Gather an FSDP2 root's own parameters (embeddings, final norm, output head) for a
+    forward and backward that call the decoder body and the head directly, bypassing the root's
+    forward where FSDP would gather them; a no-op for any other model. Sharded decoder layers
+    still gather their own parameters in their forward."""
+    root = fsdp_root(model)
+    if root is None:
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
 
 
 def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, Any] | None:

@@ -33,6 +33,7 @@ from gradalign._forward import (
     DEFAULT_LOGITS_ELEMENTS,
     _split_model,
     response_logprobs,
+    unsharded_root,
 )
 from gradalign._modules import TargetModules, check_target_modules, match_modules
 from gradalign._validate import check_choice, check_int, check_seed
@@ -79,7 +80,7 @@ def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torc
     width = micro_batch_width(rollouts.attention_mask[rows])
     local = local.to(device)
     recorder.begin(local)
-    with torch.enable_grad():
+    with torch.enable_grad(), unsharded_root(model):
         logp = response_logprobs(
             model,
             rollouts.input_ids[rows, :width].to(device),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradalign._forward import DEFAULT_LOGITS_ELEMENTS, response_logprobs
+from gradalign._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root, response_logprobs
 from gradalign._modules import TargetModules, check_target_modules, target_parameters
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
@@ -178,6 +178,13 @@ class FullGradient(GradientExtractor):
     ) -> Iterator[GroupGradients]:
         call = f"{type(self).__name__}.per_group"
         self._check_inputs(call, model, rollouts)
+        if fsdp_root(model) is not None:
+            raise GradAlignError(
+                f"{call}: the model is sharded with FSDP2 (fully_shard); per-parameter gradients "
+                "would gather every weight gradient of every group. Use FactorizedGradient (or "
+                "LoRAGradient), which needs only layer inputs and output gradients and works on "
+                "sharded weights"
+            )
         named = target_parameters(model, self.target_modules, call=call)
         prepared = prepare_weights(call, objective, rollouts)
         return self._chunks(model, rollouts, prepared, named, progress)
