@@ -1,9 +1,10 @@
-"""gradalign.integrations.verl against verl's DataProto layout and its sampler loader.
+"""gradalign.integrations.verl against verl's DataProto layout, its dataloader and its v1 buffer.
 
 Every test runs on a stand-in DataProto (``.batch`` tensors, ``.non_tensor_batch`` numpy object
-arrays, the field names of verl's ``ray_trainer``); where verl (<= 0.7, with
-``verl.experimental.dataset.sampler``) imports, the same tests also run on verl's own ``DataProto``
-and loader. Rows of one uid are never contiguous, as after verl's batch balancing.
+arrays, the field names of verl's ``ray_trainer``); where verl imports (``make test`` installs verl
+0.9.1 without its dependencies), the same tests also run on verl's own ``DataProto``. verl 0.7's
+``data.sampler`` loader runs where ``verl.experimental.dataset.sampler`` exists. Rows of one uid
+are never contiguous, as after verl's batch balancing.
 """
 
 from __future__ import annotations
@@ -49,18 +50,25 @@ class StandInDataProto:
     meta_info: dict[str, Any] = field(default_factory=dict)
 
 
-def _verl() -> Any:
-    try:
-        import verl
-        from verl.experimental.dataset import sampler
-    except ImportError:
-        return None
-    return verl, sampler
+def _has(module: str) -> bool:
+    import warnings
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # verl announces the engines it cannot load
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return False
+    return True
+
+
+HAS_VERL = _has("verl.protocol")
+HAS_V07_LOADER = HAS_VERL and _has("verl.experimental.dataset.sampler")
+HAS_V1 = HAS_VERL and _has("verl.trainer.ppo.v1.replay_buffer")
 
 KINDS = [
     "stand-in",
-    pytest.param("verl", marks=pytest.mark.skipif(_verl() is None, reason="no verl")),
+    pytest.param("verl", marks=pytest.mark.skipif(not HAS_VERL, reason="no verl")),
 ]
 
 
@@ -229,7 +237,7 @@ def _load_module(path: str) -> Any:
 def _create_rl_sampler(data_config: Any, dataset: Any, kind: str) -> Any:
     """verl 0.7's ``create_rl_sampler`` for a ``data.sampler.class_path`` (its loader if present)."""
     path, name = data_config["sampler"]["class_path"], data_config["sampler"]["class_name"]
-    if kind == "verl":
+    if kind == "verl" and HAS_V07_LOADER:
         from verl.experimental.dataset.sampler import AbstractSampler
         from verl.utils.import_utils import load_extern_object
 
@@ -267,7 +275,7 @@ def test_loaded_from_class_path_like_verl(kind: str, form: str, rows: list[dict[
     fresh = _create_rl_sampler(config, list(range(POOL)), kind)
     fresh.load_state_dict(state)
     assert list(fresh) == served and fresh.state_dict() == state
-    if kind == "verl":
+    if kind == "verl" and HAS_V07_LOADER:
         from verl.experimental.dataset.sampler import AbstractCurriculumSampler
 
         assert isinstance(sampler, AbstractCurriculumSampler)
@@ -320,3 +328,133 @@ def test_old_score_key_is_deprecated() -> None:
     with pytest.warns(DeprecationWarning, match="data.gradalign.score is deprecated"):
         sampler = GradAlignSampler(range(3), {"gradalign": {"score": "inner_product"}})
     assert sampler.selector.scorer == "inner_product"
+
+
+# -- verl 0.9: the v1 trainer's replay buffer, and RayPPOTrainer(train_sampler=...) -----------------
+
+V1 = pytest.mark.skipif(not HAS_V1, reason="no verl v1 trainer (verl >= 0.9)")
+VERL_IMPORT_WARNINGS = "ignore::UserWarning"  # verl lists the engines it cannot load
+
+
+class FakeTransferQueue:
+    """The TransferQueue calls a replay buffer makes, over a dict (the real one is a Ray service).
+
+    Prompt keys are uids with ``{"is_prompt": True, "status", "global_steps"}`` tags; trajectory
+    keys are ``{uid}_{session}_{index}``. ``dispatch(n)`` is the trainer's refill: n new prompts
+    whose k rollouts finish at once.
+    """
+
+    def __init__(self, k: int = 2) -> None:
+        self.k, self.data, self.dispatched, self._next = k, {"train": {}}, [], 0
+
+    def add(self, uid: str, step: int = 0) -> None:
+        part = self.data["train"]
+        part[uid] = {"is_prompt": True, "status": "finished", "global_steps": step}
+        for s in range(self.k):
+            part[f"{uid}_{s}_0"] = {"status": "finished", "reward": 1.0}
+
+    def dispatch(self, n: int) -> int:
+        self.dispatched.append(n)
+        for _ in range(n):
+            self.add(f"r{self._next}", step=1)
+            self._next += 1
+        return n
+
+    def kv_list(self) -> dict[str, dict[str, dict]]:
+        return {p: dict(items) for p, items in self.data.items()}
+
+    def kv_clear(self, partition_id: str, keys: list[str]) -> None:
+        for key in keys:
+            self.data[partition_id].pop(key, None)
+
+
+def _buffer(monkeypatch: pytest.MonkeyPatch, scorer: Any, **kwargs: Any) -> tuple[Any, Any]:
+    import verl.trainer.ppo.v1.replay_buffer as rb
+
+    from gradalign.integrations.verl_v1 import GradAlignReplayBuffer
+
+    fake = FakeTransferQueue()
+    for name in ("kv_list", "kv_clear"):
+        monkeypatch.setattr(rb.tq, name, getattr(fake, name))
+    buffer = GradAlignReplayBuffer(
+        "sync",
+        {},
+        None,
+        "drop",
+        {"scorer": scorer, **kwargs},
+        poll_interval=0.0,
+        refill_fn=fake.dispatch,
+    )
+    return buffer, fake
+
+
+@V1
+@pytest.mark.filterwarnings(VERL_IMPORT_WARNINGS)
+def test_v1_buffer_trains_on_the_best_aligned_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def scorer(partition_id: str, uids: list[str], trajectories: dict) -> dict[str, float]:
+        assert partition_id == "train" and all(f"{u}_0_0" in trajectories for u in uids)
+        calls.append(list(uids))
+        return {u: {"u7": 0.1, "u3": -0.5, "r0": 0.9, "r1": 0.4}[u] for u in uids}
+
+    buffer, fake = _buffer(monkeypatch, scorer, select_fraction=0.5)
+    fake.add("u7")
+    fake.add("u3")
+    batch, _ = buffer.sample(global_steps=1, partition_id="train", batch_size=2)
+    assert fake.dispatched == [2]  # two more prompts, to choose 2 of 4 finished groups
+    assert sorted(calls[0]) == ["r0", "r1", "u3", "u7"]
+    assert sorted({key.split("_")[0] for key in batch.keys}) == ["r0", "r1"]
+    assert len(batch.keys) == 4  # both rollouts of each chosen group
+    assert not {k for k in fake.data["train"] if k.split("_")[0] in {"u3", "u7"}}  # discarded
+    assert buffer.last_scores["r0"] == 0.9 and buffer.num_selections == 1
+
+
+@V1
+@pytest.mark.filterwarnings(VERL_IMPORT_WARNINGS)
+def test_v1_buffer_settings_and_scorer_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradalign.integrations.verl_v1 import GradAlignReplayBuffer
+
+    with pytest.raises(GradAlignError, match=r"sampler_kwargs\.scorer is required"):
+        GradAlignReplayBuffer("sync", {}, None, "drop", {}, refill_fn=print)
+    with pytest.raises(GradAlignError, match="only trainer_mode='sync'"):
+        GradAlignReplayBuffer("async", {}, None, "drop", {"scorer": print}, refill_fn=print)
+    with pytest.raises(GradAlignError, match=r"unknown sampler_kwargs \['fraction'\]"):
+        GradAlignReplayBuffer("sync", {}, None, "drop", {"scorer": print, "fraction": 1})
+    buffer, fake = _buffer(monkeypatch, lambda **kw: {"u1": float("nan")}, select_fraction=1.0)
+    fake.add("u1")
+    with pytest.raises(GradAlignError, match=r"non-finite scores for \['u1'\]"):
+        buffer.sample(global_steps=1, partition_id="train", batch_size=1)
+    with pytest.raises(GradAlignError, match=r"scorer must be 'package\.module:function'"):
+        _buffer(monkeypatch, "gradalign.integrations.verl:nothing", select_fraction=1.0)
+
+
+@V1
+@pytest.mark.filterwarnings(VERL_IMPORT_WARNINGS)
+def test_ray_ppo_trainer_dataloader_serves_the_selection() -> None:
+    """verl 0.9's RayPPOTrainer builds its train dataloader around a train_sampler we give."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    sampler = GradAlignSampler(
+        range(POOL), OmegaConf.create({"train_batch_size": 2, "gradalign": {"chunk_size": 5}})
+    )
+    config = OmegaConf.create(
+        {
+            "data": {"train_batch_size": 2, "dataloader_num_workers": 0, "val_batch_size": None},
+            "trainer": {"total_epochs": 1, "total_training_steps": None},
+        }
+    )
+    stub = SimpleNamespace(config=config)
+    rows = [{"index": i} for i in range(POOL)]
+    RayPPOTrainer._create_dataloader(
+        stub, rows, rows[:2], lambda b: [r["index"] for r in b], sampler
+    )
+    first = [i for batch in stub.train_dataloader for i in batch]
+    assert sorted(first) == list(range(POOL))  # the whole pool before any selection
+    chunk = sampler.next_candidates()
+    sampler.record(chunk[:2])
+    served = [i for batch in stub.train_dataloader for i in batch]
+    assert sorted(served) == sorted(chunk[:2].tolist())

@@ -34,9 +34,14 @@ after a round hold only selected problems:
    selection (one read ahead) is replaced by the sampler's next block; the column is dropped
    before generation, so reward functions never see it.
 
-Limits of this version: one process (no multi-GPU selection yet), no ``tools``, ``rollout_func``
-or ``environment_factory``, ``multi_objective_aggregation="sum_then_normalize"`` only, and a
-resumed checkpoint does not restore the curriculum (save ``trainer.curriculum.state_dict()``).
+Several processes (``torchrun`` / ``accelerate launch``): each rank samples its share of a round in
+generation calls seeded per call, so rollouts do not depend on the number of ranks; the selection
+is computed once by :class:`~gradalign.distributed.DistributedGradAlign` and recorded on every
+rank; each rank serves its slice of every generation block.
+
+Limits of this version: no ``tools``, ``rollout_func`` or ``environment_factory``,
+``multi_objective_aggregation="sum_then_normalize"`` only, and a resumed checkpoint does not
+restore the curriculum (save ``trainer.curriculum.state_dict()``).
 
 Example:
     >>> from gradalign.integrations.trl import GradAlignGRPOTrainer  # doctest: +SKIP

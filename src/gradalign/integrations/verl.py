@@ -37,7 +37,6 @@ N dataset rows (the pool).
 # No ``from __future__ import annotations``: verl's class_path may load this file by path without
 # registering it in sys.modules, and dataclasses cannot resolve string annotations there.
 import dataclasses
-import importlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from gradalign.integrations.verl_data import (
     BatchGroups,
     _as_index,
     group_batch,
+    load_callable,
     rollouts_from_dataproto,
 )
 from gradalign.policies import TopFraction, TopK
@@ -74,19 +74,6 @@ __all__ = [
     "group_batch",
     "rollouts_from_dataproto",
 ]
-
-
-def _load_callable(where: str, spec: str) -> Callable[..., Any]:
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise GradAlignError(
-            f"{where}: on_update must be 'package.module:function', got {spec!r} ({exc})"
-        ) from exc
-    if not callable(fn):
-        raise GradAlignError(f"{where}: on_update {spec!r} is not callable")
-    return fn
 
 
 @dataclass(frozen=True)
@@ -187,7 +174,7 @@ class GradAlignSampler(_SamplerBase):
         policy = TopK(st.select_k) if st.select_k is not None else TopFraction(st.select_fraction)
         self.selector = selector or GradAlign(scorer=st.scorer, policy=policy, target=st.target)
         if on_update is None and st.on_update is not None:
-            on_update = _load_callable(where, st.on_update)
+            on_update = load_callable(where, st.on_update, what="on_update")
         self._on_update = on_update
         self.index_to_position = self._lookup(data_source) if st.index_lookup else None
 

@@ -13,8 +13,9 @@ Shape glossary: S rows (rollouts), L prompt + response columns, R response colum
 
 # No ``from __future__ import annotations``: verl's class_path may load the sampler module by path,
 # and dataclasses cannot resolve string annotations there.
+import importlib
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,13 @@ import torch
 from gradalign.errors import GradAlignError
 from gradalign.rollouts import Rollouts, group_stats
 
-__all__ = ["REWARD_KEYS", "BatchGroups", "group_batch", "rollouts_from_dataproto"]
+__all__ = [
+    "REWARD_KEYS",
+    "BatchGroups",
+    "group_batch",
+    "load_callable",
+    "rollouts_from_dataproto",
+]
 
 REWARD_KEYS = ("token_level_scores", "token_level_rewards")
 
@@ -262,3 +269,17 @@ def rollouts_from_dataproto(
         group_ids=groups.row_ids,
         **extra,
     )
+
+
+def load_callable(where: str, spec: str, *, what: str = "scorer") -> Callable[..., Any]:
+    """The function named by ``"package.module:function"`` (a hook given in a verl config)."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise GradAlignError(
+            f"{where}: {what} must be 'package.module:function', got {spec!r} ({exc})"
+        ) from exc
+    if not callable(fn):
+        raise GradAlignError(f"{where}: {what} {spec!r} is not callable")
+    return fn
