@@ -185,7 +185,7 @@ def cache_argument(body: nn.Module) -> str:
     """Name of the key/value cache argument and output: "cache" (transformers >= 5.24) or the
     older "past_key_values"."""
     try:
-        params = inspect.signature(type(body).forward).parameters
+        params = inspect.signature(type(_unwrap(body)).forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
