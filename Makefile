@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-tiny test lint typecheck pytest bench docs clean
+.PHONY: demo demo-tiny test lint typecheck package pytest bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,13 @@ typecheck: $(VENV)/.dev-stamp
 pytest: $(VENV)/.verl-stamp
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# The sdist and wheel build and their metadata renders on PyPI (twine check --strict).
+package: $(VENV)/.dev-stamp
+	rm -rf dist
+	$(BIN)/python -m build --sdist --wheel --outdir dist . > /dev/null
+	$(BIN)/twine check --strict dist/*
+
+test: lint typecheck package pytest
 
 $(VENV)/.docs-stamp: $(VENV)/.dev-stamp
 	$(PIP) install -q -c constraints.txt -e ".[docs]"

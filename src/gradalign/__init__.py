@@ -34,7 +34,7 @@ from gradalign.selector import Alignment, GradAlign, Selection
 from gradalign.store import GradientStore
 from gradalign.token_weights import BatchStats, TokenWeights
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdamPreconditioner",

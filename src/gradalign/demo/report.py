@@ -244,13 +244,13 @@ class DemoResult:
     Attributes:
         config: The settings used.
         seeds: One :class:`SeedResult` per seed, in run order.
-        png_path: The histogram PNG (problems of every seed pooled).
+        png_path: The histogram PNG (problems of every seed pooled); None without matplotlib.
         timings: "load model" and "total" seconds.
     """
 
     config: DemoConfig
     seeds: list[SeedResult]
-    png_path: Path
+    png_path: Path | None
     timings: dict[str, float] = field(default_factory=dict)
 
     def _stat(self, key: str) -> dict[str, tuple[float, float]]:
@@ -288,7 +288,7 @@ class DemoResult:
             "stats": {n: m for n, (m, _) in self._stat("stats").items()},
             "config": self.config.as_dict(),
             "timings": timings,
-            "png": str(self.png_path),
+            "png": None if self.png_path is None else str(self.png_path),
             "problems": [{"seed": s.seed, **row} for s in self.seeds for row in _rows(s)],
             "per_seed": [s.as_dict() for s in self.seeds],
         }
@@ -316,7 +316,8 @@ class DemoResult:
         stats = self._stat("stats")
         lines.append("Stats (mean): " + ", ".join(f"{k} {m:.3g}" for k, (m, _) in stats.items()))
         lines.append("Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()))
-        lines.append(f"Histogram: {self.png_path}")
+        shown = self.png_path or "not drawn (pip install 'gradalign[demo]' for matplotlib)"
+        lines.append(f"Histogram: {shown}")
         return "\n".join(lines)
 
 

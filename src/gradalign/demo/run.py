@@ -394,6 +394,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
     cosine = np.concatenate([[r.cosine for r in s.rows] for s in seeds])
     inner = np.concatenate([[r.inner_product for r in s.rows] for s in seeds])
     corrupted = np.concatenate([[r.corrupted for r in s.rows] for s in seeds])
-    png = plot_histograms(cosine, inner, corrupted, config.out_dir / PNG_NAME, seeds=config.seeds)
+    png: Path | None = config.out_dir / PNG_NAME
+    try:
+        plot_histograms(cosine, inner, corrupted, config.out_dir / PNG_NAME, seeds=config.seeds)
+    except ImportError:  # matplotlib is the [demo] extra; the numbers do not need it
+        say("[histogram] skipped: pip install 'gradalign[demo]' for the PNG")
+        png = None
     timings = {"load model": load, "total": time.perf_counter() - start}
     return DemoResult(config=config, seeds=seeds, png_path=png, timings=timings)
