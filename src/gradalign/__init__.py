@@ -2,10 +2,10 @@
 
 Pick, every few training steps, the RL problems whose policy gradient points the same way as the
 gradient of a small trusted validation set (GradAlign, arXiv 2602.21492). The pipeline:
-:class:`Rollouts` -> :class:`GRPOObjective` (prepared once into :class:`TokenWeights`) -> an extractor (:class:`FullGradient`,
-:class:`RandomProjectedGradient`, ...) -> :func:`cosine` / :func:`inner_product` against a target ->
-a policy from :mod:`gradalign.policies` -> :class:`GradAlign` ties them together, and
-:class:`Curriculum` drives rounds.
+[`Rollouts`][gradalign.rollouts.Rollouts] -> [`GRPOObjective`][gradalign.objective.GRPOObjective] (prepared once into [`TokenWeights`][gradalign.token_weights.TokenWeights]) -> an extractor ([`FullGradient`][gradalign.extractors.full.FullGradient],
+[`RandomProjectedGradient`][gradalign.extractors.full.RandomProjectedGradient], ...) -> [`cosine`][gradalign.scoring.cosine] / [`inner_product`][gradalign.scoring.inner_product] against a target ->
+a policy from [`gradalign.policies`][gradalign.policies] -> [`GradAlign`][gradalign.selector.GradAlign] ties them together, and
+[`Curriculum`][gradalign.curriculum.Curriculum] drives rounds.
 """
 
 from __future__ import annotations

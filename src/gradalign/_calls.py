@@ -1,6 +1,6 @@
 """Private: which public call is running, so that errors raised deep inside name it.
 
-``@api_call("GradAlign.select")`` marks a public entry point; :func:`current_call` returns the
+``@api_call("GradAlign.select")`` marks a public entry point; `current_call` returns the
 outermost one running now (``GradAlign.select`` when ``select`` calls ``targets``).
 """
 

@@ -3,9 +3,9 @@
 A fingerprint is a short hex digest of content, never of ``repr``: two preconditioners with other
 values, another model, or other rewards for the same group ids give other fingerprints.
 
-Implementations: :func:`settings_digest` (extractor and objective settings, tensors by value),
-:func:`model_digest` (parameter names, shapes, dtypes and an evenly spaced sample of values) and
-:func:`group_digests` (each group's rows: attended tokens, response flags, rewards, log-probs;
+Implementations: `settings_digest` (extractor and objective settings, tensors by value),
+`model_digest` (parameter names, shapes, dtypes and an evenly spaced sample of values) and
+`group_digests` (each group's rows: attended tokens, response flags, rewards, log-probs;
 the padding side does not change it).
 """
 

@@ -292,7 +292,7 @@ def response_logprobs(
     Returns:
         (S, T) log-probs, differentiable with respect to the model's parameters in grad mode.
 
-    Example:
+    Examples:
         >>> import torch, gradalign as ga
         >>> from gradalign.testing import tiny_model
         >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6]], [[7, 8], [9]], [1.0, 0.0], [0, 0])

@@ -1,4 +1,4 @@
-"""Private: the per-problem tables of a :class:`~gradalign.Curriculum`, replayed from its log.
+"""Private: the per-problem tables of a [`Curriculum`][gradalign.curriculum.Curriculum], replayed from its log.
 
 The curriculum keeps one plain-Python log (recorded rounds and observed pass rates); every table
 here is derived from it, never stored beside it.

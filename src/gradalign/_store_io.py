@@ -1,8 +1,8 @@
-"""Private: the files of a :class:`~gradalign.store.GradientStore` and their integrity checks.
+"""Private: the files of a [`GradientStore`][gradalign.store.GradientStore] and their integrity checks.
 
-Implementations: :func:`dtype_name`, :func:`read_index` (every defect of ``index.json`` is a ``GradAlignError``),
-:func:`write_index` (atomic replace), :func:`writer_lock` (one writer at a time, ``flock``),
-:func:`damaged` (the error that says how to recover) and :func:`repair_store`.
+Implementations: `dtype_name`, `read_index` (every defect of ``index.json`` is a ``GradAlignError``),
+`write_index` (atomic replace), `writer_lock` (one writer at a time, ``flock``),
+`damaged` (the error that says how to recover) and `repair_store`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The candidate table that every selection policy reads.
 
-Implementations: :class:`Candidates` (one row per candidate problem: ids, scores, accuracy, reward
+Implementations: [`Candidates`][gradalign.candidates.Candidates] (one row per candidate problem: ids, scores, accuracy, reward
 spread, zero-gradient flags, per-task scores, gradients), validated on construction and built from
-rollouts with :meth:`Candidates.from_rollouts`.
+rollouts with [`Candidates.from_rollouts`][gradalign.candidates.Candidates.from_rollouts].
 
 Shapes: G candidates, D gradient dim, Q validation targets (tasks).
 """
@@ -92,6 +92,14 @@ class Candidates:
     Raises:
         GradAlignError: a field is not a tensor or has the wrong shape or dtype, ids repeat, a field
             holds NaN or inf, accuracy lies outside [0, 1], or reward_std is negative.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> table = ga.Candidates.from_rollouts(ro, scores=torch.tensor([0.3, -0.1]))
+        >>> table.ids, table.accuracy, table.reward_std
+        (tensor([0, 1]), tensor([0.5000, 1.0000]), tensor([0.5000, 0.0000]))
     """
 
     ids: torch.Tensor

@@ -1,10 +1,10 @@
 """Rounds over the problem pool, per-problem history, and a torch Sampler over the selection.
 
-Implementations: :class:`Curriculum` (seeded chunks of ``range(pool_size)``, a fresh permutation
+Implementations: [`Curriculum`][gradalign.curriculum.Curriculum] (seeded chunks of ``range(pool_size)``, a fresh permutation
 per pass; a round counter; one log of recorded selections and observed pass rates, from which
-every per-problem table is derived; an exact ``state_dict`` resume) and :class:`ProblemStats` (its
-per-problem table). The torch ``Sampler`` over the selection, :class:`SelectionSampler`, lives in
-:mod:`gradalign.sampler` and is re-exported here.
+every per-problem table is derived; an exact ``state_dict`` resume) and [`ProblemStats`][gradalign.curriculum.ProblemStats] (its
+per-problem table). The torch ``Sampler`` over the selection, [`SelectionSampler`][gradalign.sampler.SelectionSampler], lives in
+[`gradalign.sampler`][gradalign.sampler] and is re-exported here.
 
 Shape glossary: N pool size, M chunk size, C candidates of a round, K selected problems.
 """
@@ -52,7 +52,7 @@ def _maybe_values(where: str, name: str, value: Any, n: int) -> torch.Tensor | N
 
 @dataclass(frozen=True)
 class ProblemStats:
-    """Per-problem table of a :class:`Curriculum`; every field is (N,). Masks replace NaN.
+    """Per-problem table of a [`Curriculum`][gradalign.curriculum.Curriculum]; every field is (N,). Masks replace NaN.
 
     Attributes:
         seen: bool, the problem was a candidate (or selected) in some recorded round.
@@ -63,6 +63,15 @@ class ProblemStats:
         has_score: bool, a score was recorded.
         last_accuracy: float32, latest recorded pass rate; 0.0 where ``has_accuracy`` is False.
         has_accuracy: bool, a pass rate was recorded.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> cur = ga.Curriculum(pool_size=4, chunk_size=2)
+        >>> chunk = cur.next_chunk()
+        >>> cur.record(chunk[:1])
+        >>> stats = cur.stats()
+        >>> int(stats.selected_count.sum()), bool(stats.seen[chunk[0]])
+        (1, True)
     """
 
     seen: torch.Tensor
@@ -77,8 +86,8 @@ class ProblemStats:
 
 @runtime_checkable
 class HasIds(Protocol):
-    """What :meth:`Curriculum.record` reads: a :class:`~gradalign.Selection` or
-    :class:`~gradalign.Candidates` (``ids``; optional ``scores``, ``accuracy``, ``candidates``)."""
+    """What [`Curriculum.record`][gradalign.curriculum.Curriculum.record] reads: a [`Selection`][gradalign.selector.Selection] or
+    [`Candidates`][gradalign.candidates.Candidates] (``ids``; optional ``scores``, ``accuracy``, ``candidates``)."""
 
     @property
     def ids(self) -> torch.Tensor: ...
@@ -90,15 +99,15 @@ class Curriculum:
     Pass p visits ``range(pool_size)`` in the order of a permutation from a local generator seeded
     by ``(seed, p)``, so its chunks cover the pool exactly once. When ``chunk_size`` does not
     divide ``pool_size`` the last chunk of a pass is shorter (if ``chunk_size >= pool_size`` every
-    chunk is the whole pool). Passes go on forever. :meth:`next_chunk` starts a round;
-    :meth:`record` stores that round's selection, at most once.
+    chunk is the whole pool). Passes go on forever. [`next_chunk`][gradalign.curriculum.Curriculum.next_chunk] starts a round;
+    [`record`][gradalign.curriculum.Curriculum.record] stores that round's selection, at most once.
 
     Args:
         pool_size: N >= 1 problems, identified by ``0 .. N-1``.
         chunk_size: M >= 1 candidates per round.
         seed: base seed; the global torch RNG is never touched.
 
-    Example:
+    Examples:
         >>> cur = Curriculum(pool_size=5, chunk_size=2, seed=0)
         >>> [len(cur.next_chunk()) for _ in range(4)], cur.round, cur.pass_index
         ([2, 2, 1, 2], 3, 1)
@@ -120,7 +129,7 @@ class Curriculum:
 
     @property
     def round(self) -> int:
-        """Index of the current round (the latest :meth:`next_chunk`); -1 before the first."""
+        """Index of the current round (the latest [`next_chunk`][gradalign.curriculum.Curriculum.next_chunk]); -1 before the first."""
         return self._round
 
     @property
@@ -135,12 +144,12 @@ class Curriculum:
 
     @property
     def num_records(self) -> int:
-        """Recorded rounds so far (:class:`SelectionSampler` reseeds its order when it changes)."""
+        """Recorded rounds so far ([`SelectionSampler`][gradalign.sampler.SelectionSampler] reseeds its order when it changes)."""
         return sum(1 for e in self._log if _is_record(e))
 
     @property
     def num_observations(self) -> int:
-        """Calls of :meth:`observe` so far."""
+        """Calls of [`observe`][gradalign.curriculum.Curriculum.observe] so far."""
         return len(self._log) - self.num_records
 
     def _records(self) -> list[dict[str, Any]]:
@@ -196,8 +205,8 @@ class Curriculum:
     ) -> None:
         """Record pass rates observed outside a selection round, e.g. in a training batch.
 
-        They join each problem's accuracy history (:meth:`history`, :meth:`stats`) and the
-        rollout-weighted means of :meth:`pass_rates`; they never change the selection.
+        They join each problem's accuracy history ([`history`][gradalign.curriculum.Curriculum.history], [`stats`][gradalign.curriculum.Curriculum.stats]) and the
+        rollout-weighted means of [`pass_rates`][gradalign.curriculum.Curriculum.pass_rates]; they never change the selection.
 
         Args:
             ids: (n,) problem ids in ``[0, N)``, unique.
@@ -312,7 +321,7 @@ class Curriculum:
         )
 
     def pass_rates(self) -> dict[str, torch.Tensor]:
-        """(N,) per problem, from :meth:`observe`: ``count`` of rollouts, their ``mean`` reward,
+        """(N,) per problem, from [`observe`][gradalign.curriculum.Curriculum.observe]: ``count`` of rollouts, their ``mean`` reward,
         the ``last`` observed pass rate and ``last_observation`` (its index; -1: never)."""
         t = self._tables()
         mean = torch.where(t.obs_count > 0, t.obs_sum / t.obs_count.clamp_min(1), 0.0)
@@ -357,7 +366,7 @@ class Curriculum:
         return self.pool_size, self.chunk_size, self.seed
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: later chunks and history match the uninterrupted run.
+        """Resume from [`state_dict`][gradalign.curriculum.Curriculum.state_dict]: later chunks and history match the uninterrupted run.
 
         Raises:
             GradAlignError: a key is missing, a constructor argument differs, or the state is

@@ -1,13 +1,13 @@
 """Diagnostics: which modules a score comes from.
 
-Implementations: :func:`score_breakdown` (per-segment contributions to the cosine or inner-product
-score of every candidate, summing exactly to the score), :class:`ScoreBreakdown` (its result, with
-merging of segments, e.g. by layer) and :func:`segment_norms` (per-segment gradient norms).
+Implementations: [`score_breakdown`][gradalign.diagnostics.score_breakdown] (per-segment contributions to the cosine or inner-product
+score of every candidate, summing exactly to the score), [`ScoreBreakdown`][gradalign.diagnostics.ScoreBreakdown] (its result, with
+merging of segments, e.g. by layer) and [`segment_norms`][gradalign.diagnostics.segment_norms] (per-segment gradient norms).
 
-Segments come from :attr:`GroupGradients.segments`: one per parameter for
-:class:`~gradalign.extractors.full.FullGradient` and
-:class:`~gradalign.extractors.lora.LoRAGradient`, one per module (weight then bias) for
-:class:`~gradalign.extractors.factorized.FactorizedGradient`. Jointly projected gradients
+Segments come from `GroupGradients.segments`: one per parameter for
+[`FullGradient`][gradalign.extractors.full.FullGradient] and
+[`LoRAGradient`][gradalign.extractors.lora.LoRAGradient], one per module (weight then bias) for
+[`FactorizedGradient`][gradalign.extractors.factorized.FactorizedGradient]. Jointly projected gradients
 (``RandomProjectedGradient``) mix all modules in every column and have no segments.
 
 Shape glossary: G candidate groups, D gradient dimension, P segments.
@@ -37,7 +37,7 @@ def layer_of(name: str) -> str:
 
     Names outside numbered layers (embeddings, final norm, output head) are returned unchanged.
 
-    Example:
+    Examples:
         >>> layer_of("model.layers.3.mlp.up_proj.weight"), layer_of("lm_head")
         ('model.layers.3', 'lm_head')
     """
@@ -56,6 +56,19 @@ class ScoreBreakdown:
         scores: (G,) the scores themselves (``gradalign.cosine`` or ``inner_product`` with the
             unit-norm target).
         scorer: "cosine" or "inner_product".
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> from gradalign.testing import tiny_model
+        >>> model = tiny_model()
+        >>> out = ga.FactorizedGradient(4, 4).per_group(model, ro)
+        >>> parts = ga.score_breakdown(out, out.grads[0])  # which layers make each score
+        >>> parts.scores
+        tensor([1., 0.])
+        >>> round(sum(parts.of(0).values()), 4)
+        1.0
     """
 
     group_ids: torch.Tensor
@@ -124,11 +137,15 @@ def score_breakdown(
         scorer: "cosine" (default) or "inner_product".
 
     Returns:
-        A :class:`ScoreBreakdown`; unclaimed columns, if any, form an ``"(other)"`` segment.
+        A [`ScoreBreakdown`][gradalign.diagnostics.ScoreBreakdown]; unclaimed columns, if any, form an ``"(other)"`` segment.
 
-    Example:
-        >>> parts = score_breakdown(cands, target).merge()  # doctest: +SKIP
-        >>> parts.mean()  # {'model.layers.1': 0.12, 'lm_head': 0.05, ...}  # doctest: +SKIP
+    Examples:
+        >>> cands = FactorizedGradient(dim_in=8, dim_out=8).per_group(model, rollouts)
+        >>> parts = score_breakdown(cands, build_target(cands)).merge()  # one row per layer
+        >>> parts.names
+        ('model.layers.0', 'model.layers.1', 'lm_head')
+        >>> torch.allclose(parts.contributions.sum(1), parts.scores, atol=1e-5)
+        True
     """
     call = "score_breakdown"
     if scorer not in SCORERS:
@@ -171,6 +188,16 @@ def segment_norms(candidates: GroupGradients) -> tuple[tuple[str, ...], torch.Te
 
     Returns:
         (P,) segment names and a (G, P) float32 tensor of norms.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> from gradalign.testing import tiny_model
+        >>> model = tiny_model()
+        >>> names, norms = ga.segment_norms(ga.FactorizedGradient(4, 4).per_group(model, ro))
+        >>> names[0], norms.shape
+        ('model.layers.0.self_attn.q_proj', torch.Size([2, 15]))
     """
     segments = _covering("segment_norms", candidates)
     norms = [candidates.grads[:, s.start : s.stop].float().norm(dim=1) for s in segments]

@@ -1,14 +1,14 @@
 """Selection over several processes: each rank scores its shard of groups, all ranks agree.
 
-Implementations: :class:`Distributed` (which process group, how long to wait for a late rank),
-:class:`DistributedGradAlign` (the driver), :func:`resolve` (``GradAlign(distributed=...)`` to a
-:class:`Distributed` or None), :func:`is_distributed`, :func:`barrier` (a monitored barrier that
-names the ranks that did not arrive), :func:`all_reduce_batch_stats`,
-:func:`all_reduce_target_state` (sums the target accumulators of all ranks), :func:`all_gather_rows`
-and :func:`all_gather_alignment` (variable-size per-rank rows merged by group id) and
-:func:`all_reduce_max`.
+Implementations: [`Distributed`][gradalign.distributed.Distributed] (which process group, how long to wait for a late rank),
+[`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] (the driver), [`resolve`][gradalign.distributed.resolve] (``GradAlign(distributed=...)`` to a
+[`Distributed`][gradalign.distributed.Distributed] or None), [`is_distributed`][gradalign.distributed.is_distributed], [`barrier`][gradalign.distributed.barrier] (a monitored barrier that
+names the ranks that did not arrive), [`all_reduce_batch_stats`][gradalign.distributed.all_reduce_batch_stats],
+[`all_reduce_target_state`][gradalign.distributed.all_reduce_target_state] (sums the target accumulators of all ranks), [`all_gather_rows`][gradalign.distributed.all_gather_rows]
+and [`all_gather_alignment`][gradalign.distributed.all_gather_alignment] (variable-size per-rank rows merged by group id) and
+[`all_reduce_max`][gradalign.distributed.all_reduce_max].
 
-:class:`DistributedGradAlign` drives a single-process :class:`~gradalign.GradAlign` over the ranks
+[`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] drives a single-process [`GradAlign`][gradalign.selector.GradAlign] over the ranks
 (``GradAlign(distributed="auto")`` hands its calls to it when ``torch.distributed`` is initialized
 with more than one rank): every rank passes its own shard of candidate and validation groups (group
 ids unique across ranks; a rank without a shard passes None). Batch statistics are all-reduced
@@ -20,7 +20,7 @@ sorted by id, so every rank holds the whole candidate table and runs the (determ
 the same selection.
 
 Before every collective a ``monitored_barrier`` (gloo groups) waits at most ``timeout``; a rank
-that died or hangs gives a :class:`~gradalign.GradAlignError` naming it instead of a hang. Other
+that died or hangs gives a [`GradAlignError`][gradalign.errors.GradAlignError] naming it instead of a hang. Other
 backends (NCCL) have no monitored barrier: there the process group's own timeout applies
 (``init_process_group(timeout=...)``; set ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``).
 
@@ -67,7 +67,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Distributed:
-    """Settings of the multi-process path of :class:`~gradalign.GradAlign`.
+    """Settings of the multi-process path of [`GradAlign`][gradalign.selector.GradAlign].
 
     Args:
         group: the process group whose ranks share the selection; None is the default group.
@@ -75,8 +75,10 @@ class Distributed:
             slowest rank; None uses the group's own timeout (``init_process_group(timeout=...)``).
             It must exceed the largest difference in extraction time between ranks.
 
-    Example:
-        >>> ga = GradAlign(distributed=Distributed(timeout=600))  # doctest: +SKIP
+    Examples:
+        >>> selector = GradAlign(distributed=Distributed(timeout=600))
+        >>> selector.distributed.timeout
+        600
     """
 
     group: Any = None
@@ -96,7 +98,7 @@ class Distributed:
 
 
 def check_distributed_option(call: str, option: Any) -> bool | str | Distributed:
-    """Validate a ``distributed=`` argument: "auto", True, False or a :class:`Distributed`."""
+    """Validate a ``distributed=`` argument: "auto", True, False or a [`Distributed`][gradalign.distributed.Distributed]."""
     if option == "auto" or isinstance(option, bool | Distributed):
         return option
     raise GradAlignError(
@@ -113,7 +115,7 @@ def is_distributed(group: Any = None) -> bool:
 def resolve(option: bool | str | Distributed) -> Distributed | None:
     """The settings to use now, or None for the single-process path.
 
-    "auto" is distributed when :func:`is_distributed`; True or a :class:`Distributed` require an
+    "auto" is distributed when [`is_distributed`][gradalign.distributed.is_distributed]; True or a [`Distributed`][gradalign.distributed.Distributed] require an
     initialized ``torch.distributed``; a group of one rank always takes the single-process path.
     """
     if option is False:
@@ -347,7 +349,7 @@ def all_reduce_batch_stats(
 
 
 def all_gather_candidates(rollouts: Rollouts | None, settings: Distributed) -> Candidates:
-    """Every rank's groups as one :class:`~gradalign.Candidates` table (ids, accuracy, reward_std).
+    """Every rank's groups as one [`Candidates`][gradalign.candidates.Candidates] table (ids, accuracy, reward_std).
 
     Pass rates and reward spreads are computed locally per group (a group lives on one rank), so
     they equal the single-process ones exactly.
@@ -366,7 +368,7 @@ def all_gather_candidates(rollouts: Rollouts | None, settings: Distributed) -> C
 
 
 class DistributedGradAlign:
-    """:class:`~gradalign.GradAlign` over the ranks of a process group: same selection, sharded work.
+    """[`GradAlign`][gradalign.selector.GradAlign] over the ranks of a process group: same selection, sharded work.
 
     Every rank calls the same method with its own shard of candidate and validation groups (group
     ids unique across ranks; None for a rank without one). The driver uses the selector's
@@ -381,9 +383,13 @@ class DistributedGradAlign:
         selector: the settings: extractor, objective, scorer, policy, target.
         settings: the process group and timeout; None for the default group.
 
-    Example:
-        >>> driver = DistributedGradAlign(GradAlign(FactorizedGradient()))  # doctest: +SKIP
-        >>> sel = driver.select(model, my_candidate_shard, my_validation_shard)  # doctest: +SKIP
+    Examples:
+        Inside a ``torchrun`` job, after ``torch.distributed.init_process_group``:
+
+        ```python
+        driver = DistributedGradAlign(GradAlign(FactorizedGradient()))
+        sel = driver.select(model, my_candidate_shard, my_validation_shard)  # same on every rank
+        ```
     """
 
     def __init__(self, selector: GradAlign, settings: Distributed | None = None) -> None:

@@ -1,15 +1,15 @@
 """The objective as per-token weights on log-probabilities: a stage of its own.
 
 Every GRPO variant (reward scaling, token aggregation, PPO clipping, k3 KL penalty) has a loss whose
-gradient is ``-sum_{s,t} w[s, t] * grad log pi(y[s, t])``. An objective's :meth:`~Objective.prepare`
-turns a batch of rollouts into :class:`TokenWeights` once, with every batch statistic it needs
+gradient is ``-sum_{s,t} w[s, t] * grad log pi(y[s, t])``. An objective's [`prepare`][gradalign.objective.Objective.prepare]
+turns a batch of rollouts into [`TokenWeights`][gradalign.token_weights.TokenWeights] once, with every batch statistic it needs
 (group means and spreads, the batch reward std, the longest response); the extractors only slice
-rows of it. Statistics of a batch split over processes come in as :class:`BatchStats`, summed over
+rows of it. Statistics of a batch split over processes come in as [`BatchStats`][gradalign.token_weights.BatchStats], summed over
 the ranks, so a shard gets exactly the weights of the whole batch.
 
-Implementations: :class:`Objective` (the base: ``prepare``), :class:`GRPOObjective` (the GRPO
-family), :class:`TokenWeightObjective` (weights you give, e.g. a per-example SFT loss),
-:class:`TokenWeights` (the prepared weights) and :class:`BatchStats`.
+Implementations: [`Objective`][gradalign.objective.Objective] (the base: ``prepare``), [`GRPOObjective`][gradalign.objective.GRPOObjective] (the GRPO
+family), [`TokenWeightObjective`][gradalign.objective.TokenWeightObjective] (weights you give, e.g. a per-example SFT loss),
+[`TokenWeights`][gradalign.token_weights.TokenWeights] (the prepared weights) and [`BatchStats`][gradalign.token_weights.BatchStats].
 
 Shape glossary: S sequences, T tokens, G groups.
 """
@@ -60,9 +60,21 @@ def _group_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> to
 
 
 class Objective(ABC):
-    """An objective: :meth:`prepare` turns rollouts into the :class:`TokenWeights` to differentiate.
+    """An objective: `prepare` turns rollouts into the [`TokenWeights`][gradalign.token_weights.TokenWeights] to differentiate.
 
     Subclass it for another loss; the extractors, the selector and the store accept any subclass.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> class NegatedGRPO(ga.Objective):  # a loss of your own: prepare() gives its token weights
+        ...     def prepare(self, rollouts, stats=None):
+        ...         tw = ga.GRPOObjective().prepare(rollouts, stats)
+        ...         return ga.TokenWeights(-tw.advantages, tw.aggregation, tw.response_mask,
+        ...                                tw.row_zero_spread)
+        >>> NegatedGRPO().prepare(ro).advantages[:2]
+        tensor([-0.7070,  0.7070])
     """
 
     @abstractmethod
@@ -91,7 +103,7 @@ class TokenWeightObjective(Objective):
         weights: (S, T) weights of the rollouts this objective will be prepared for (0 outside
             the response is enforced).
 
-    Example:
+    Examples:
         >>> import torch
         >>> obj = TokenWeightObjective(torch.tensor([[0.0, 1.0, 1.0]]))
     """
@@ -135,7 +147,7 @@ class GRPOObjective(Objective):
             response in the rollouts.
         zero_spread_tol: a group whose rewards span at most this much counts as zero-spread.
 
-    Example:
+    Examples:
         >>> obj = GRPOObjective(scale_rewards="none", loss_agg="seq-mean-token-sum")
     """
 
@@ -308,8 +320,8 @@ class GRPOObjective(Objective):
 def prepare_weights(
     call: str, objective: Objective | TokenWeights | None, rollouts: Rollouts
 ) -> TokenWeights:
-    """``objective`` prepared for ``rollouts``: an :class:`Objective` (None: ``GRPOObjective()``),
-    or :class:`TokenWeights` already prepared for them."""
+    """``objective`` prepared for ``rollouts``: an [`Objective`][gradalign.objective.Objective] (None: ``GRPOObjective()``),
+    or [`TokenWeights`][gradalign.token_weights.TokenWeights] already prepared for them."""
     if objective is None:
         objective = GRPOObjective()
     if isinstance(objective, TokenWeights):

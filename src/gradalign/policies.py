@@ -1,28 +1,28 @@
-"""Selection policies: a :class:`Candidates` table in, the selected ids out, best first.
+"""Selection policies: a [`Candidates`][gradalign.candidates.Candidates] table in, the selected ids out, best first.
 
 A policy is a small object with settings validated at construction and one call,
 ``policy(candidates) -> ids``: an int64 tensor of candidate *ids* (not positions) in rank order.
 
-Implementations: by score :class:`TopK`, :class:`TopFraction`, :class:`BottomK`, :class:`Threshold`;
-by pass rate :class:`AccGreedy`, :class:`Learnability`, :class:`AccuracyBand`,
-:class:`DropZeroVariance`; mixed :class:`SimAcc`, :class:`LearnAlign`, :class:`DiverseTopK`,
-:class:`TaskQuota`; sampling :class:`Random`, :class:`Softmax`; combinators :class:`EpsilonMix`,
-:class:`Chain`.
+Implementations: by score [`TopK`][gradalign.policies.TopK], [`TopFraction`][gradalign.policies.TopFraction], [`BottomK`][gradalign.policies.BottomK], [`Threshold`][gradalign.policies.Threshold];
+by pass rate [`AccGreedy`][gradalign.policies.AccGreedy], [`Learnability`][gradalign.policies.Learnability], [`AccuracyBand`][gradalign.policies.AccuracyBand],
+[`DropZeroVariance`][gradalign.policies.DropZeroVariance]; mixed [`SimAcc`][gradalign.policies.SimAcc], [`LearnAlign`][gradalign.policies.LearnAlign], [`DiverseTopK`][gradalign.policies.DiverseTopK],
+[`TaskQuota`][gradalign.policies.TaskQuota]; sampling [`Random`][gradalign.policies.Random], [`Softmax`][gradalign.policies.Softmax]; combinators [`EpsilonMix`][gradalign.policies.EpsilonMix],
+[`Chain`][gradalign.policies.Chain].
 
 Rules shared by every policy:
 
 * Empty pool: an empty int64 tensor, no error, no warning.
 * ``k`` larger than the pool (or the eligible candidates): all of them, with a ``UserWarning``.
 * Ties are stable: equal keys keep the candidates' order.
-* NaN never reaches a policy: :class:`Candidates` rejects it.
-* A missing signal (``scores``, ``accuracy``, ...) raises :class:`GradAlignError` saying how to
+* NaN never reaches a policy: [`Candidates`][gradalign.candidates.Candidates] rejects it.
+* A missing signal (``scores``, ``accuracy``, ...) raises [`GradAlignError`][gradalign.errors.GradAlignError] saying how to
   provide it.
 * ``seed`` builds a fresh local ``torch.Generator`` per call: calling twice gives the same ids; vary
   the seed (e.g. with the round) for fresh draws. Global RNG state is never touched.
 
 Shapes: G candidates, D gradient dim, Q validation targets (tasks).
 
-Example:
+Examples:
     >>> import torch
     >>> from gradalign.policies import Candidates, TopK
     >>> c = Candidates(ids=torch.tensor([10, 11, 12]), scores=torch.tensor([0.1, 0.9, 0.5]))
@@ -147,7 +147,17 @@ def _ids_at(candidates: Candidates, positions: list[int]) -> torch.Tensor:
 
 
 class Policy(abc.ABC):
-    """A selection rule: ``policy(candidates)`` returns the selected ids (int64), best first."""
+    """A selection rule: ``policy(candidates)`` returns the selected ids (int64), best first.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, Policy
+        >>> class Shortest(Policy):  # a policy of your own: the two lowest ids
+        ...     def __call__(self, candidates: Candidates) -> torch.Tensor:
+        ...         return candidates.ids.sort().values[:2]
+        >>> Shortest()(Candidates(ids=torch.tensor([7, 3, 5])))
+        tensor([3, 5])
+    """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -212,6 +222,15 @@ class TopK(_KeyTopK):
     """The ``k`` highest scores: rank by ``score`` descending. Needs ``scores``.
 
     Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, TopK
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> TopK(2)(c)
+        tensor([11, 12])
     """
 
     def _key(self, c: Candidates) -> torch.Tensor:
@@ -222,6 +241,15 @@ class BottomK(_KeyTopK):
     """The ``k`` lowest scores (the paper's "negsim"): rank by ``score`` ascending.
 
     Needs ``scores``. Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, BottomK
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> BottomK(2)(c)
+        tensor([13, 10])
     """
 
     descending = False
@@ -234,6 +262,15 @@ class AccGreedy(_KeyTopK):
     """Pass rate closest to 0.5: rank by ``|p - 0.5|`` ascending. Needs ``accuracy``.
 
     Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, AccGreedy
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> AccGreedy(2)(c)  # pass rates 0.5 and 0.75 are closest to 0.5
+        tensor([10, 12])
     """
 
     descending = False
@@ -246,6 +283,15 @@ class Learnability(_KeyTopK):
     """Rank by learnability ``p (1 - p)`` descending. Needs ``accuracy``.
 
     Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, Learnability
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> Learnability(2)(c)
+        tensor([10, 12])
     """
 
     def _key(self, c: Candidates) -> torch.Tensor:
@@ -256,6 +302,15 @@ class SimAcc(_KeyTopK):
     """Rank by ``score * 4 p (1 - p)`` descending. Needs ``scores`` and ``accuracy``.
 
     Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, SimAcc
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> SimAcc(2)(c)
+        tensor([12, 10])
     """
 
     def _key(self, c: Candidates) -> torch.Tensor:
@@ -267,6 +322,15 @@ class LearnAlign(_KeyTopK):
 
     The mean (D,) runs over the candidates given: the pool's own mean gradient. Zero-norm rows, or a
     zero mean, have cosine 0. Empty pool -> empty; k > G -> all + UserWarning; ties stable.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, LearnAlign
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> LearnAlign(2)(c)
+        tensor([12, 10])
     """
 
     def _key(self, c: Candidates) -> torch.Tensor:
@@ -283,6 +347,15 @@ class TopFraction(Policy):
 
     Args:
         fraction: in (0, 1].
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, TopFraction
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> TopFraction(0.5)(c)
+        tensor([11, 12])
     """
 
     def __init__(self, fraction: float) -> None:
@@ -300,6 +373,15 @@ class Threshold(Policy):
 
     Args:
         min_score: a real number (infinities allowed).
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, Threshold
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> Threshold(0.3)(c)
+        tensor([11, 12])
     """
 
     def __init__(self, min_score: float) -> None:
@@ -317,6 +399,15 @@ class DropZeroVariance(Policy):
     Keeps ``reward_std > 0`` when ``reward_std`` is set, else ``accuracy not in {0, 1}`` (exact for
     binary rewards). Only reward spread counts: ``zero_gradient`` is not consulted, so a group with
     spread but a zero gradient stays (it scores 0; rank it away). Empty pool -> empty.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, DropZeroVariance
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> DropZeroVariance()(c)  # 11: every rollout right, no signal
+        tensor([10, 12, 13])
     """
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
@@ -344,6 +435,15 @@ class AccuracyBand(Policy):
         k: how many to draw; None draws every eligible candidate, in random order. More than are
             eligible selects all of them with a UserWarning.
         seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, AccuracyBand
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> AccuracyBand(0.2, 0.8, 2, seed=0)(c)
+        tensor([13, 10])
     """
 
     def __init__(
@@ -372,6 +472,15 @@ class Random(Policy):
     Args:
         k: positive int.
         seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, Random
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> Random(2, seed=0)(c)
+        tensor([10, 11])
     """
 
     def __init__(self, k: int, seed: int = 0) -> None:
@@ -387,13 +496,22 @@ class Softmax(Policy):
     """``k`` draws without replacement with probability ``∝ exp(score / T)``. Needs ``scores``.
 
     Gumbel-top-k: rank by ``score / T + Gumbel(0, 1)`` descending (float64). ``T -> 0`` approaches
-    :class:`TopK` (distinct scores), large ``T`` approaches :class:`Random`. Empty pool -> empty;
+    [`TopK`][gradalign.policies.TopK] (distinct scores), large ``T`` approaches [`Random`][gradalign.policies.Random]. Empty pool -> empty;
     k > G -> all + UserWarning; NaN rejected.
 
     Args:
         k: positive int.
         temperature: T, finite and > 0.
         seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, Softmax
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> Softmax(2, temperature=0.1, seed=0)(c)
+        tensor([11, 12])
     """
 
     def __init__(self, k: int, temperature: float = 1.0, seed: int = 0) -> None:
@@ -418,12 +536,21 @@ class DiverseTopK(Policy):
 
     Step t picks ``argmax_{i free} score_i - redundancy * max_{j chosen} cos(g_i, g_j)``, the max
     being 0 while nothing is chosen (so the first pick is the top score). Zero-norm gradients have
-    cosine 0 with everything. ``redundancy=0`` equals :class:`TopK`. Empty pool -> empty;
+    cosine 0 with everything. ``redundancy=0`` equals [`TopK`][gradalign.policies.TopK]. Empty pool -> empty;
     k > G -> all + UserWarning; ties go to the earlier candidate; NaN rejected.
 
     Args:
         k: positive int.
         redundancy: λ, finite and >= 0.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, DiverseTopK
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> DiverseTopK(2, redundancy=1.0)(c)
+        tensor([11, 12])
     """
 
     def __init__(self, k: int, *, redundancy: float = 0.5) -> None:
@@ -459,6 +586,14 @@ class TaskQuota(Policy):
 
     Args:
         quotas: Q non-negative ints with a positive sum.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, TaskQuota
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]),
+        ...     task_scores=torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.7], [0.0, 0.6]]))
+        >>> TaskQuota([1, 2])(c)  # one problem for task 0, two for task 1
+        tensor([10, 12, 13])
     """
 
     def __init__(self, quotas: Sequence[int]) -> None:
@@ -508,6 +643,15 @@ class EpsilonMix(Policy):
         policy: any callable ``Candidates -> ids``.
         epsilon: in [0, 1].
         seed: int seeding the local generator (any value ``torch.manual_seed`` accepts).
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, EpsilonMix, TopK
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> EpsilonMix(TopK(2), epsilon=0.5, seed=0)(c)
+        tensor([11, 12])
     """
 
     def __init__(self, policy: _PolicyFn, epsilon: float, seed: int = 0) -> None:
@@ -542,6 +686,15 @@ class Chain(Policy):
 
     Args:
         *policies: one or more callables ``Candidates -> ids``.
+
+    Examples:
+        >>> import torch
+        >>> from gradalign.policies import Candidates, Chain, DropZeroVariance, TopK
+        >>> c = Candidates(ids=torch.tensor([10, 11, 12, 13]), scores=torch.tensor([0.1, 0.9, 0.5, -0.2]),
+        ...     accuracy=torch.tensor([0.5, 1.0, 0.75, 0.25]), reward_std=torch.tensor([0.5, 0.0, 0.43, 0.43]),
+        ...     grads=torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.5]]))
+        >>> Chain(DropZeroVariance(), TopK(2))(c)  # 11 scores best but has no spread
+        tensor([12, 10])
     """
 
     def __init__(self, *policies: _PolicyFn) -> None:

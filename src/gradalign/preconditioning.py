@@ -1,7 +1,7 @@
 """Optimizer-aware targets: precondition gradients by an Adam/AdamW second moment (as in LESS).
 
-Implementations: :class:`AdamPreconditioner`, built from a ``torch.optim`` state with
-:meth:`AdamPreconditioner.from_optimizer`. Passed to :class:`gradalign.GradAlign` as
+Implementations: [`AdamPreconditioner`][gradalign.preconditioning.AdamPreconditioner], built from a ``torch.optim`` state with
+[`AdamPreconditioner.from_optimizer`][gradalign.preconditioning.AdamPreconditioner.from_optimizer]. Passed to [`gradalign.GradAlign`][gradalign.selector.GradAlign] as
 ``preconditioner=``, it divides the validation gradient by ``sqrt(v_hat) + eps`` parameter by
 parameter before the target is formed, so candidates are scored against the direction Adam would
 actually move the weights in.
@@ -29,6 +29,18 @@ class AdamPreconditioner(Mapping[str, torch.Tensor]):
 
     Attributes:
         scales: parameter name -> float32 tensor shaped like the parameter.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> from gradalign.testing import tiny_model
+        >>> model = tiny_model()
+        >>> opt = torch.optim.Adam(model.parameters())
+        >>> model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+        >>> opt.step()
+        >>> pre = ga.AdamPreconditioner.from_optimizer(opt, model)  # g / (sqrt(v_hat) + eps)
+        >>> selector = ga.GradAlign(ga.FullGradient(target_modules=["lm_head"]), preconditioner=pre)
     """
 
     scales: Mapping[str, torch.Tensor]
@@ -53,9 +65,13 @@ class AdamPreconditioner(Mapping[str, torch.Tensor]):
             model: the model whose parameters the optimizer updates (for the names).
             bias_correction: divide ``exp_avg_sq`` by ``1 - beta2**step`` like Adam does.
 
-        Example:
-            >>> opt = torch.optim.AdamW(model.parameters())  # doctest: +SKIP
-            >>> pre = AdamPreconditioner.from_optimizer(opt, model)  # doctest: +SKIP
+        Examples:
+            >>> opt = torch.optim.AdamW(model.parameters())
+            >>> model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+            >>> opt.step()  # the optimizer holds exp_avg_sq from its first step on
+            >>> pre = AdamPreconditioner.from_optimizer(opt, model)
+            >>> sorted(pre.scales)[:2]
+            ['lm_head.weight', 'model.embed_tokens.weight']
         """
         call = "AdamPreconditioner.from_optimizer"
         if not isinstance(optimizer, torch.optim.Optimizer):

@@ -40,7 +40,7 @@ __all__ = ["KINDS", "Projector", "project", "projection_block"]
 
 KINDS = ("rademacher", "gaussian", "sjlt")
 DEFAULT_KIND = "sjlt"
-"""The kind every extractor and :class:`Projector` uses unless told: sparse, the fastest."""
+"""The kind every extractor and [`Projector`][gradalign.projection.Projector] uses unless told: sparse, the fastest."""
 
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**27, so uint32 * _MUL fits in int64
@@ -230,7 +230,7 @@ def projection_block(
 
     Entry (i, k) depends only on (kind, seed, name, side, i, k, dim) and, for sjlt, ``sjlt_nnz``:
     never on ``start``/``stop``, the device or how the rows are blocked. Materializes the block, so
-    keep ``stop - start`` moderate; :func:`project` never materializes more than one small block.
+    keep ``stop - start`` moderate; [`project`][gradalign.projection.project] never materializes more than one small block.
 
     Args:
         kind: One of ``KINDS``.
@@ -248,7 +248,7 @@ def projection_block(
     Returns:
         (stop - start, K) tensor: rows of R, scaled so that E[<Rx, Ry>] = <x, y>.
 
-    Example:
+    Examples:
         >>> R = projection_block(kind="rademacher", dim=4, seed=0, name="w", start=0, stop=3)
         >>> R.shape, bool((R.abs() == 0.5).all())
         (torch.Size([3, 4]), True)
@@ -305,7 +305,7 @@ def project(
     Returns:
         (N, K) float32 tensor on x's device.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 10)
         >>> project(x, kind="sjlt", dim=8, seed=0, name="w").shape
         torch.Size([2, 8])
@@ -348,9 +348,9 @@ class Projector:
         seed: Any int; the same seed gives the same matrices on every device and process.
         sjlt_nnz: Nonzeros per input feature for ``"sjlt"`` (``1 <= sjlt_nnz <= dim``; None
             means ``min(4, dim)``).
-        block_size: Rows of R per block in :func:`project` (None: automatic).
+        block_size: Rows of R per block in [`project`][gradalign.projection.project] (None: automatic).
 
-    Example:
+    Examples:
         >>> proj = Projector(dim=16, seed=0)
         >>> proj(torch.randn(3, 100), name="lm_head.weight").shape
         torch.Size([3, 16])
@@ -370,7 +370,7 @@ class Projector:
     def __call__(
         self, x: torch.Tensor, *, name: str, side: str = "", offset: int = 0
     ) -> torch.Tensor:
-        """x (N, n) -> (N, K): :func:`project` with these settings."""
+        """x (N, n) -> (N, K): [`project`][gradalign.projection.project] with these settings."""
         return project(
             x,
             kind=self.kind,

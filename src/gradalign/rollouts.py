@@ -1,7 +1,7 @@
 """Rollouts: the token-level record of sampled responses that every extractor differentiates.
 
-Implementations: :class:`Rollouts` (validated on construction), built directly from tensors, from
-per-sequence token-id lists (:meth:`Rollouts.from_token_ids`) or from text (:meth:`Rollouts.from_texts`).
+Implementations: [`Rollouts`][gradalign.rollouts.Rollouts] (validated on construction), built directly from tensors, from
+per-sequence token-id lists ([`Rollouts.from_token_ids`][gradalign.rollouts.Rollouts.from_token_ids]) or from text ([`Rollouts.from_texts`][gradalign.rollouts.Rollouts.from_texts]).
 
 Shape glossary: S sequences, T tokens, G groups (one group = the rollouts of one problem).
 """
@@ -60,7 +60,7 @@ class GroupStats:
 def group_stats(group_ids: torch.Tensor, rewards: torch.Tensor) -> GroupStats:
     """Reward statistics of each group; float64 two-pass, so a constant group's std is exactly 0.
 
-    Example:
+    Examples:
         >>> st = group_stats(torch.tensor([4, 4, 1]), torch.tensor([1.0, 0.0, 1.0]))
         >>> st.ids.tolist(), st.mean.tolist(), st.std.tolist()
         ([1, 4], [1.0, 0.5], [0.0, 0.5])
@@ -89,7 +89,7 @@ class Rollouts:
         old_logprobs: optional (S, T) log-probs of the tokens under the sampling policy (PPO ratio).
         ref_logprobs: optional (S, T) log-probs under a reference policy (KL penalty).
 
-    Example:
+    Examples:
         >>> import torch
         >>> ro = Rollouts(
         ...     input_ids=torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]]),
@@ -357,7 +357,7 @@ class Rollouts:
         form the response mask. With ``max_length``, the completion is truncated first so that the
         row fits (the prompt is kept whole; a prompt that leaves no room raises).
 
-        Example:
+        Examples:
             >>> ro = Rollouts.from_token_ids([[1, 2], [1, 2]], [[3], [4, 5]], [1.0, 0.0], [0, 0])
             >>> ro.input_ids.shape
             torch.Size([2, 4])
@@ -394,7 +394,7 @@ class Rollouts:
         ``num_return_sequences=k``, returns (B * k, L + N) sequences: each prompt row repeated k
         times, followed by the generated tokens, padded after the first EOS. This splits each row
         into its prompt (padding dropped) and its completion (cut after the first EOS, which is
-        kept) and packs them like :meth:`from_token_ids`.
+        kept) and packs them like [`from_token_ids`][gradalign.rollouts.Rollouts.from_token_ids].
 
         Args:
             prompt_ids: (B, L) the ``input_ids`` passed to ``generate``.
@@ -406,9 +406,9 @@ class Rollouts:
                 except trailing padding.
             prompt_mask: (B, L) the ``attention_mask`` passed to ``generate``; None treats every
                 ``pad_token_id`` in ``prompt_ids`` as padding.
-            max_length: as in :meth:`from_token_ids`.
+            max_length: as in [`from_token_ids`][gradalign.rollouts.Rollouts.from_token_ids].
 
-        Example:
+        Examples:
             >>> import torch
             >>> prompt = torch.tensor([[0, 5, 6], [7, 8, 9]])  # left-padded, pad id 0
             >>> out = torch.tensor([[0, 5, 6, 3, 1, 0], [0, 5, 6, 4, 4, 1],

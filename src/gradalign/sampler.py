@@ -1,9 +1,9 @@
 """A torch ``Sampler`` over the latest selection: the one sampler every trainer integration uses.
 
-Implementations: :class:`SelectionSampler` (``torch.utils.data.Sampler[int]`` over the latest
+Implementations: [`SelectionSampler`][gradalign.sampler.SelectionSampler] (``torch.utils.data.Sampler[int]`` over the latest
 recorded selection in TRL's ``RepeatSampler`` layout, seeded and rank-aware; finite per
 ``__iter__``, or endless for trainers that draw from one iterator for the whole run) and
-:class:`SelectionSource` (the protocol it reads; :class:`~gradalign.Curriculum` is one).
+[`SelectionSource`][gradalign.sampler.SelectionSource] (the protocol it reads; [`Curriculum`][gradalign.curriculum.Curriculum] is one).
 
 Shape glossary: K selected problems, P problems of this rank, R ranks, B blocks, b block size,
 G generations per problem.
@@ -25,7 +25,7 @@ __all__ = ["SelectionSampler", "SelectionSource"]
 
 @runtime_checkable
 class SelectionSource(Protocol):
-    """What :class:`SelectionSampler` reads; :class:`Curriculum` is one."""
+    """What [`SelectionSampler`][gradalign.sampler.SelectionSampler] reads; `Curriculum` is one."""
 
     @property
     def pool_size(self) -> int: ...
@@ -50,7 +50,7 @@ class SelectionSampler(Sampler[int]):
     ``repeat_count`` times and each problem ``num_generations`` times consecutively.
 
     Args:
-        source: a :class:`Curriculum` or any :class:`SelectionSource`.
+        source: a `Curriculum` or any [`SelectionSource`][gradalign.sampler.SelectionSource].
         num_generations: rollouts per problem, >= 1.
         seed: base seed of the order.
         num_replicas: ranks sharing the selection, >= 1.
@@ -69,7 +69,8 @@ class SelectionSampler(Sampler[int]):
     Raises:
         GradAlignError: bad settings; from ``__iter__`` and ``__len__``, an empty selection.
 
-    Example:
+    Examples:
+        >>> from gradalign import Curriculum
         >>> cur = Curriculum(pool_size=4, chunk_size=4)
         >>> sampler = SelectionSampler(cur, num_generations=2, shuffle=False)
         >>> list(sampler)

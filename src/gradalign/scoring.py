@@ -1,8 +1,8 @@
 """Similarity scores between candidate gradients and validation targets.
 
-Implementations: :func:`cosine` and :func:`inner_product` (the scorers), :func:`build_target` and
-:class:`TargetAccumulator` (one or several target directions from validation gradients, streamed),
-:func:`aggregate_tasks` (several targets reduced to one score).
+Implementations: [`cosine`][gradalign.scoring.cosine] and [`inner_product`][gradalign.scoring.inner_product] (the scorers), [`build_target`][gradalign.scoring.build_target] and
+[`TargetAccumulator`][gradalign.scoring.TargetAccumulator] (one or several target directions from validation gradients, streamed),
+[`aggregate_tasks`][gradalign.scoring.aggregate_tasks] (several targets reduced to one score).
 
 A zero-norm candidate row (a zero-spread group) scores exactly 0 under either scorer; no NaN is ever
 returned.
@@ -101,14 +101,14 @@ def alignment_terms(
 def cosine_from_terms(
     dot: torch.Tensor, grad_norm: torch.Tensor, target_norm: torch.Tensor
 ) -> torch.Tensor:
-    """(G, Q) float32 cosine from :func:`alignment_terms`; exactly 0 where a norm is 0."""
+    """(G, Q) float32 cosine from [`alignment_terms`][gradalign.scoring.alignment_terms]; exactly 0 where a norm is 0."""
     denom = grad_norm[:, None] * target_norm[None, :]  # (G, Q)
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     return torch.where(denom > 0, dot / safe, 0.0).clamp(-1.0, 1.0).float()
 
 
 def unit_target_product(dot: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
-    """(G, Q) float32 ``<g, t / |t|>`` from :func:`alignment_terms`; 0 for a zero target."""
+    """(G, Q) float32 ``<g, t / |t|>`` from [`alignment_terms`][gradalign.scoring.alignment_terms]; 0 for a zero target."""
     t = target_norm[None, :]
     return torch.where(t > 0, dot / torch.where(t > 0, t, torch.ones_like(t)), 0.0).float()
 
@@ -134,7 +134,7 @@ def cosine(grads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         (G,) for a (D,) target, (G, Q) for a (Q, D) target; exactly 0 where either norm is 0, and
         finite for any finite input (rows are scaled before they are multiplied).
 
-    Example:
+    Examples:
         >>> cosine(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([2.0, 0.0]))
         tensor([1., 0.])
     """
@@ -156,13 +156,13 @@ def inner_product(
             ``<g_P, g_V / |g_V|>``); a zero target then scores 0.
 
     Returns:
-        (G,) or (G, Q), like :func:`cosine`.
+        (G,) or (G, Q), like [`cosine`][gradalign.scoring.cosine].
 
     Raises:
         GradAlignError: If a score does not fit in float32 (only possible without
             ``normalize_target`` or with gradients near the float32 limit).
 
-    Example:
+    Examples:
         >>> inner_product(torch.tensor([[3.0, 4.0]]), torch.tensor([2.0, 0.0]), normalize_target=True)
         tensor([3.])
     """
@@ -188,6 +188,11 @@ def aggregate_tasks(
     """(G, Q) per-task scores -> (G,) by "max", "mean" or "min"; a (G,) input passes through.
 
     ``aggregate`` is ``GradAlign(aggregate=...)``'s name; ``how=`` is its deprecated alias.
+
+    Examples:
+        >>> import torch
+        >>> aggregate_tasks(torch.tensor([[0.2, 0.9], [0.5, 0.1]]), "max")
+        tensor([0.9000, 0.5000])
     """
     if how is not None:
         _deprecated("aggregate_tasks", "how", "aggregate")
@@ -310,7 +315,7 @@ def build_target(
 
     Args:
         validation: (G_v, D) validation group gradients.
-        target: "mean", "normalized-mean" or "batch" (see :class:`TargetAccumulator`).
+        target: "mean", "normalized-mean" or "batch" (see [`TargetAccumulator`][gradalign.scoring.TargetAccumulator]).
         objective: the GRPO objective ("batch" aggregates like it).
         tasks: optional mapping validation group id -> task label.
         reduction: deprecated name of ``target``.
@@ -318,8 +323,10 @@ def build_target(
     Returns:
         (D,) without tasks, else (Q, D) with one row per task label (sorted).
 
-    Example:
-        >>> target = build_target(val_grads, "normalized-mean")  # doctest: +SKIP
+    Examples:
+        >>> val_grads = FactorizedGradient(8, 8).per_group(model, rollouts)
+        >>> build_target(val_grads, "normalized-mean").shape  # mean of unit-norm rows
+        torch.Size([1008])
     """
     if reduction is not None:
         _deprecated("build_target", "reduction", "target")

@@ -1,7 +1,7 @@
 """GradAlign in one call: extractor + objective + scorer + policy.
 
-Implementations: :class:`GradAlign` (``alignment`` -> ``score`` -> ``select``), :class:`Alignment`
-(both scores from one pass over the candidates) and :class:`Selection` (the result of a round).
+Implementations: [`GradAlign`][gradalign.selector.GradAlign] (``alignment`` -> ``score`` -> ``select``), [`Alignment`][gradalign.selector.Alignment]
+(both scores from one pass over the candidates) and [`Selection`][gradalign.selector.Selection] (the result of a round).
 
 Candidate gradients are streamed: only the (Q, D) targets and one chunk of candidate gradients sit in
 memory, so exact full-parameter scores work on models whose G x D gradients would not fit.
@@ -56,6 +56,18 @@ class Alignment:
         task_labels: the label of each target.
         grads: (G, D) candidate gradients when kept (``keep_grads=True``), else None.
         aggregate: how per-task scores reduce to one ("max", "mean", "min").
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> from gradalign.testing import tiny_model
+        >>> model = tiny_model()
+        >>> val = ga.Rollouts.from_token_ids([[5, 6], [5, 6]], [[9, 1], [10, 1]], [1.0, 0.0], [100, 100])
+        >>> selector = ga.GradAlign(ga.FactorizedGradient(4, 4), policy=ga.policies.TopK(1))
+        >>> al = selector.alignment(model, ro, val)
+        >>> al.ids, al.cosine.round(decimals=4), al.zero_gradient
+        (tensor([0, 1]), tensor([1., 0.]), tensor([False,  True]))
     """
 
     ids: torch.Tensor
@@ -99,7 +111,7 @@ class Alignment:
 
 @dataclass(frozen=True, eq=False)
 class CandidateRows:
-    """One process's candidate rows before they become an :class:`Alignment`.
+    """One process's candidate rows before they become an [`Alignment`][gradalign.selector.Alignment].
 
     Attributes:
         ids: (G,) group ids, ascending.
@@ -124,6 +136,18 @@ class Selection:
         ids: (k,) selected group ids in rank order.
         scores: (k,) their scores (None when the candidates carry no scores).
         candidates: the full scored candidate table.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> from gradalign.testing import tiny_model
+        >>> model = tiny_model()
+        >>> val = ga.Rollouts.from_token_ids([[5, 6], [5, 6]], [[9, 1], [10, 1]], [1.0, 0.0], [100, 100])
+        >>> selector = ga.GradAlign(ga.FactorizedGradient(4, 4), policy=ga.policies.TopK(1))
+        >>> sel = selector.select(model, ro, val)
+        >>> sel.ids, sel.scores.round(decimals=4)
+        (tensor([0]), tensor([1.]))
     """
 
     ids: torch.Tensor
@@ -163,7 +187,7 @@ class GradAlign:
     """Gradient-aligned selection of RL training problems.
 
     Args:
-        extractor: computes per-group gradients; default :class:`FullGradient` (exact, the paper's).
+        extractor: computes per-group gradients; default [`FullGradient`][gradalign.extractors.full.FullGradient] (exact, the paper's).
         objective: the GRPO loss; default ``GRPOObjective()``.
         scorer: "cosine" (the paper's default) or "inner_product" (with the unit-norm target).
         policy: ``Candidates -> selected ids``; default ``TopFraction(0.5)``.
@@ -172,9 +196,9 @@ class GradAlign:
         keep_grads: keep candidate gradients on the result (for diversity-aware policies); costs
             G x D memory.
         distributed: "auto" (default) hands every call to
-            :class:`~gradalign.distributed.DistributedGradAlign` when ``torch.distributed`` is
+            [`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] when ``torch.distributed`` is
             initialized with several ranks; True requires it; False never communicates; a
-            :class:`~gradalign.distributed.Distributed` picks the process group and timeout. On
+            [`Distributed`][gradalign.distributed.Distributed] picks the process group and timeout. On
             that path every rank passes its own shard of candidate and validation groups (ids
             unique across ranks, None for a rank without one): batch statistics and targets are
             all-reduced, scores all-gathered, and every rank returns the single-process selection.
@@ -183,10 +207,14 @@ class GradAlign:
             model)`` (the LESS preconditioning ``g_V / (sqrt(v_hat) + eps)``); needs an extractor
             that works on named parameters (FullGradient, RandomProjectedGradient).
 
-    Example:
-        >>> ga = GradAlign(RandomProjectedGradient(dim=1024), policy=TopK(8))  # doctest: +SKIP
-        >>> sel = ga.select(model, candidate_rollouts, validation_rollouts)  # doctest: +SKIP
-        >>> sel.ids  # the 8 best-aligned problems, best first  # doctest: +SKIP
+    Examples:
+        >>> from gradalign.policies import TopK
+        >>> selector = GradAlign(RandomProjectedGradient(dim=1024), policy=TopK(2))
+        >>> validation = Rollouts.from_token_ids(  # rollouts of trusted validation problems
+        ...     [[5, 6, 7]] * 2, [[20, 1], [21, 1]], [1.0, 0.0], group_ids=[100, 100])
+        >>> sel = selector.select(model, rollouts, validation)
+        >>> sel.ids.shape  # the 2 best-aligned problems, best first
+        torch.Size([2])
     """
 
     def __init__(
@@ -260,11 +288,11 @@ class GradAlign:
         stats: BatchStats | None = None,
         progress: bool = False,
     ) -> TargetAccumulator:
-        """The validation gradients of ``validation`` summed into a :class:`TargetAccumulator`.
+        """The validation gradients of ``validation`` summed into a [`TargetAccumulator`][gradalign.scoring.TargetAccumulator].
 
         Args:
             stats: the batch statistics of the whole validation set when ``validation`` is a
-                shard of it (see :meth:`Objective.prepare`).
+                shard of it (see [`Objective.prepare`][gradalign.objective.Objective.prepare]).
         """
         acc = TargetAccumulator(self.target, self.objective, tasks)
         extractor = self.extractor
@@ -325,7 +353,7 @@ class GradAlign:
     def make_alignment(
         self, rows: CandidateRows, target: torch.Tensor, labels: tuple[Any, ...]
     ) -> Alignment:
-        """An :class:`Alignment` from candidate rows and the targets they were scored against."""
+        """An [`Alignment`][gradalign.selector.Alignment] from candidate rows and the targets they were scored against."""
         return Alignment(
             ids=rows.ids,
             dot=rows.dot,

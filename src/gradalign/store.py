@@ -1,6 +1,6 @@
 """On-disk store of group gradients: pools larger than memory, resumable, safe to share.
 
-Implementations: :class:`GradientStore`. A store is a directory holding
+Implementations: [`GradientStore`][gradalign.store.GradientStore]. A store is a directory holding
 
 - ``grads.bin``: a raw row-major (rows, D) array (float32 or float16);
 - ``index.json``: the committed rows (group id, sequences, tokens, zero-spread flag, a CRC-32 of
@@ -8,7 +8,7 @@ Implementations: :class:`GradientStore`. A store is a directory holding
   the extractor and objective settings (tensors by value) and of the model's weights;
 - ``writer.lock``: held (``flock``) by the one process that may write.
 
-:meth:`GradientStore.extract` takes the lock, streams the pool through ``extractor.iter_groups``
+[`GradientStore.extract`][gradalign.store.GradientStore.extract] takes the lock, streams the pool through ``extractor.iter_groups``
 in chunks of ``group_chunk`` groups, writes each chunk's rows, flushes them to disk, then replaces
 the index atomically (temporary file + ``os.replace``). Rows past the index are leftovers of an
 interrupted chunk and are overwritten; a rerun skips every committed group. Chunks hold whole packs
@@ -16,8 +16,8 @@ of the extractor (``group_packs``: the groups that share its passes), so the sto
 depend on ``group_chunk`` or on interruptions.
 
 Nothing damaged is ever returned: opening a store checks the data file against the index (a file
-shorter than the committed rows is refused), :meth:`load` checks every row's CRC, and
-:meth:`GradientStore.repair` drops the rows that fail so the next extract computes them again.
+shorter than the committed rows is refused), [`load`][gradalign.store.GradientStore.load] checks every row's CRC, and
+[`GradientStore.repair`][gradalign.store.GradientStore.repair] drops the rows that fail so the next extract computes them again.
 
 Shape glossary: G groups, D gradient dimension.
 """
@@ -89,10 +89,12 @@ class GradientStore:
         GradAlignError: If the index is unreadable, the settings disagree with the stored ones,
             or the data file holds fewer rows than the index commits.
 
-    Example:
-        >>> store = GradientStore("pool_grads")  # doctest: +SKIP
-        >>> store.extract(FactorizedGradient(), model, pool_rollouts, chunk_groups=64)  # doctest: +SKIP
-        >>> grads = store.load()  # (G, D) GroupGradients  # doctest: +SKIP
+    Examples:
+        >>> store = GradientStore(tmp_path / "pool_grads")
+        >>> store.extract(FactorizedGradient(8, 8), model, rollouts, group_chunk=2)  # groups stored
+        4
+        >>> store.load().grads.shape  # a rerun resumes after the last whole chunk
+        torch.Size([4, 1008])
     """
 
     def __init__(
@@ -229,7 +231,7 @@ class GradientStore:
         """Extract and store the gradients of every group of ``rollouts`` not stored yet.
 
         Args:
-            extractor: any :class:`GradientExtractor`.
+            extractor: any [`GradientExtractor`][gradalign.extractors.base.GradientExtractor].
             model: the model, as for ``extractor.per_group``; its weights must be those the store
                 was written with.
             rollouts: the pool's rollouts (resuming: the same rollouts as the interrupted run).
@@ -416,7 +418,7 @@ class GradientStore:
         """Drop the rows a damaged store cannot vouch for; returns their group ids.
 
         Rows beyond the end of the data file and rows that fail their checksum are removed from
-        the index and the good rows are rewritten contiguously; the next :meth:`extract` computes
+        the index and the good rows are rewritten contiguously; the next [`extract`][gradalign.store.GradientStore.extract] computes
         the dropped groups again (without the pack-mates they first ran with, so they may differ
         from the lost rows in the last float bits). Takes the writer lock.
         """

@@ -6,11 +6,11 @@ library, and the models are randomly initialised from a ``transformers`` config 
 
 Implementations:
 
-- :func:`tiny_tokenizer`: a character-level ``PreTrainedTokenizerFast`` (printable ASCII + newline)
+- [`tiny_tokenizer`][gradalign.testing.tiny_tokenizer]: a character-level ``PreTrainedTokenizerFast`` (printable ASCII + newline)
   with ``<pad>``, ``<eos>`` and a minimal chat template.
-- :func:`tiny_model`: a 2-layer Qwen2 or Llama causal LM whose vocabulary matches the tokenizer.
+- [`tiny_model`][gradalign.testing.tiny_model]: a 2-layer Qwen2 or Llama causal LM whose vocabulary matches the tokenizer.
 
-Example:
+Examples:
     >>> from gradalign.testing import tiny_model, tiny_tokenizer
     >>> tok = tiny_tokenizer()
     >>> model = tiny_model("qwen2")
@@ -47,7 +47,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-"""Jinja chat template of :func:`tiny_tokenizer`: ``<|user|>\\n{content}\\n<|assistant|>\\n``."""
+"""Jinja chat template of [`tiny_tokenizer`][gradalign.testing.tiny_tokenizer]: ``<|user|>\\n{content}\\n<|assistant|>\\n``."""
 
 
 def _alphabet() -> list[str]:
@@ -64,9 +64,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``pad_token="<pad>"``, ``eos_token="<eos>"``,
-        ``padding_side="right"`` and :data:`CHAT_TEMPLATE` as ``chat_template``.
+        ``padding_side="right"`` and `CHAT_TEMPLATE` as ``chat_template``.
 
-    Example:
+    Examples:
         >>> tok = tiny_tokenizer()
         >>> tok.decode(tok("2+3=5").input_ids)
         '2+3=5'
@@ -107,7 +107,7 @@ def tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """Build a small randomly initialised causal LM that matches :func:`tiny_tokenizer`.
+    """Build a small randomly initialised causal LM that matches [`tiny_tokenizer`][gradalign.testing.tiny_tokenizer].
 
     Weights are drawn under ``torch.random.fork_rng`` with ``seed``, so the same arguments give the
     same weights and the caller's global RNG state is left untouched.
@@ -132,7 +132,7 @@ def tiny_model(
     Raises:
         GradAlignError: If ``arch`` is unknown or ``vocab_size`` is smaller than the tokenizer's.
 
-    Example:
+    Examples:
         >>> m = tiny_model("llama", seed=1)
         >>> m.config.num_hidden_layers
         2

@@ -1,7 +1,7 @@
 """Token weights: an objective prepared for one batch of rollouts, and the batch's statistics.
 
-Implementations: :class:`TokenWeights` (what the extractors differentiate: rows sliced per
-micro-batch) and :class:`BatchStats` (statistics of a whole batch, combinable across shards).
+Implementations: [`TokenWeights`][gradalign.token_weights.TokenWeights] (what the extractors differentiate: rows sliced per
+micro-batch) and [`BatchStats`][gradalign.token_weights.BatchStats] (statistics of a whole batch, combinable across shards).
 
 Shape glossary: S sequences, T tokens, G groups.
 """
@@ -32,6 +32,13 @@ class BatchStats:
         reward_sum: sum of the rewards.
         reward_sq_sum: sum of the squared rewards.
         max_response_length: the longest response, in tokens.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> ga.BatchStats.of(ro)  # combine shards' stats with .combine
+        BatchStats(count=4.0, reward_sum=3.0, reward_sq_sum=3.0, max_response_length=2)
     """
 
     count: float
@@ -87,6 +94,16 @@ class TokenWeights:
         clip_low: PPO clip below 1.
         clip_high: PPO clip above 1.
         kl_coef: coefficient of the k3 KL term.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> tw = ga.GRPOObjective().prepare(ro)  # once per batch
+        >>> tw.advantages, tw.zero_spread(ro)  # group 1: both rollouts right, no signal
+        (tensor([ 0.7070, -0.7070,  0.0000,  0.0000]), tensor([False,  True]))
+        >>> tw.token_weights(rows=torch.tensor([0]), width=4).round(decimals=3)  # a micro-batch's rows
+        tensor([[0.0000, 0.0000, 0.1770, 0.1770]])
     """
 
     advantages: torch.Tensor
@@ -146,7 +163,7 @@ class TokenWeights:
 
         Args:
             logprobs: (S', W) current log-probs of the tokens (detached); needed when
-                :attr:`needs_logprobs`.
+                `needs_logprobs`.
             rows: (S',) rows to return (default: all).
             width: leading columns to return (default: all T).
         """

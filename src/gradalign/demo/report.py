@@ -1,8 +1,8 @@
 """What the demo reports: AUROC, the selection shares, the ranked table and the score histogram.
 
-Implementations: :func:`auroc` (rank-based Mann-Whitney U), :func:`corrupted_share`,
-:func:`format_table`, :func:`plot_histograms` (the paper's Figure 4, clean vs corrupted),
-:class:`SeedResult` (one seed) and :class:`DemoResult` (every seed, their means and the JSON file).
+Implementations: [`auroc`][gradalign.demo.report.auroc] (rank-based Mann-Whitney U), [`corrupted_share`][gradalign.demo.report.corrupted_share],
+[`format_table`][gradalign.demo.report.format_table], [`plot_histograms`][gradalign.demo.report.plot_histograms] (the paper's Figure 4, clean vs corrupted),
+[`SeedResult`][gradalign.demo.report.SeedResult] (one seed) and [`DemoResult`][gradalign.demo.report.DemoResult] (every seed, their means and the JSON file).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.nd
     Raises:
         GradAlignError: If the shapes differ, a score is not finite, or a class is empty.
 
-    Example:
+    Examples:
         >>> auroc([0.9, 0.1, 0.5, 0.5], [True, False, True, False])
         0.875
     """
@@ -243,7 +243,7 @@ class DemoResult:
 
     Attributes:
         config: The settings used.
-        seeds: One :class:`SeedResult` per seed, in run order.
+        seeds: One [`SeedResult`][gradalign.demo.report.SeedResult] per seed, in run order.
         png_path: The histogram PNG (problems of every seed pooled); None without matplotlib.
         timings: "load model" and "total" seconds.
     """
@@ -294,7 +294,7 @@ class DemoResult:
         }
 
     def write_json(self, path: Path) -> Path:
-        """Write :meth:`as_dict` to ``path`` (parent folders are created); returns ``path``."""
+        """Write `as_dict` to ``path`` (parent folders are created); returns ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.as_dict(), indent=1) + "\n")
         return path

@@ -5,8 +5,8 @@ together, the way inference engines share a GRPO group's prompt. Completions sta
 end (cut after the first stop token, padding dropped), so the gradient pass sees exactly the tokens
 the policy sampled: no decode/re-tokenize round trip that could move the prompt/response boundary.
 
-Implementations: :func:`render_prompts` (chat prompts), :func:`stop_tokens` (token ids that end a
-completion), :func:`trim_completion` and :func:`sample_completions`.
+Implementations: [`render_prompts`][gradalign.demo.sampling.render_prompts] (chat prompts), [`stop_tokens`][gradalign.demo.sampling.stop_tokens] (token ids that end a
+completion), [`trim_completion`][gradalign.demo.sampling.trim_completion] and [`sample_completions`][gradalign.demo.sampling.sample_completions].
 
 Shape glossary: B prompts in a batch, k rollouts per prompt, L prompt width, V vocabulary.
 """
@@ -49,7 +49,7 @@ def render_prompts(tokenizer: Any, questions: Sequence[str]) -> list[list[int]]:
 def stop_tokens(tokenizer: Any, text: str = "\n") -> set[int]:
     """Ids of every token whose text contains ``text`` (a line break ends a one-line answer).
 
-    Example:
+    Examples:
         >>> from gradalign.testing import tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> stop_tokens(tok) == {tok.convert_tokens_to_ids("\\n")}
@@ -61,7 +61,7 @@ def stop_tokens(tokenizer: Any, text: str = "\n") -> set[int]:
 def trim_completion(tokens: Sequence[int], stop: Collection[int]) -> list[int]:
     """Cut generated ids after the first stop token (kept: its log-prob is trained too).
 
-    Example:
+    Examples:
         >>> trim_completion([5, 6, 2, 0, 0], stop={2})
         [5, 6, 2]
     """
@@ -153,7 +153,7 @@ def sample_completions(
         prompt_ids: (P,) prompt token ids.
         k: Rollouts per prompt.
         stop_token_ids: Ids that end a completion (kept as its last token), e.g. the EOS id or
-            :func:`stop_tokens`.
+            [`stop_tokens`][gradalign.demo.sampling.stop_tokens].
         pad_token_id: Left padding of the prompts.
         max_new_tokens: Length cap of a completion.
         temperature: Softmax temperature.

@@ -1,7 +1,7 @@
 """Gradient extractors: one gradient row per problem group.
 
-Implementations: :class:`FullGradient` (exact), :class:`RandomProjectedGradient` (seeded random
-projection, never stored), built on :class:`GradientExtractor` and returning :class:`GroupGradients`.
+Implementations: [`FullGradient`][gradalign.extractors.full.FullGradient] (exact), [`RandomProjectedGradient`][gradalign.extractors.full.RandomProjectedGradient] (seeded random
+projection, never stored), built on [`GradientExtractor`][gradalign.extractors.base.GradientExtractor] and returning [`GroupGradients`][gradalign.extractors.base.GroupGradients].
 """
 
 from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment

@@ -1,8 +1,8 @@
 """Private: the hook engine of the factorized extractors (per-layer projected gradients).
 
-Implementations: :func:`build_sites` (the hooked linear layers with their projection matrices and
-column ranges), :class:`Recorder` (hook state of one chunk: the (Gc, D) buffer and the layout of the
-forward in flight) and :func:`hooked` (registers the hooks, removes them on exit).
+Implementations: `build_sites` (the hooked linear layers with their projection matrices and
+column ranges), `Recorder` (hook state of one chunk: the (Gc, D) buffer and the layout of the
+forward in flight) and `hooked` (registers the hooks, removes them on exit).
 
 For a linear layer ``y = W a + b`` the weight gradient summed over a sequence's tokens is
 ``sum_t g_t a_t^T``; a forward hook projects each layer input, a hook on the layer output projects

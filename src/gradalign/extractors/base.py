@@ -1,8 +1,8 @@
 """Base pieces shared by every gradient extractor.
 
-Implementations: :class:`GroupGradients` (the result: one gradient row per problem group),
-:class:`GradientExtractor` (the base class: ``per_group`` and the streaming ``iter_groups``) and
-:func:`extraction_mode` (puts a model in a defined state and restores it exactly, also after an
+Implementations: [`GroupGradients`][gradalign.extractors.base.GroupGradients] (the result: one gradient row per problem group),
+[`GradientExtractor`][gradalign.extractors.base.GradientExtractor] (the base class: ``per_group`` and the streaming ``iter_groups``) and
+[`extraction_mode`][gradalign.extractors.base.extraction_mode] (puts a model in a defined state and restores it exactly, also after an
 exception).
 
 Shape glossary: S sequences, T tokens, G groups, D gradient dimension.
@@ -54,6 +54,16 @@ class GroupGradients:
         zero_spread: (G,) True where the group's rewards have no spread (its gradient is zero
             unless a KL term is on).
         segments: which columns belong to which module or parameter (empty when projected jointly).
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> from gradalign.testing import tiny_model
+        >>> model = tiny_model()
+        >>> out = ga.FactorizedGradient(4, 4).per_group(model, ro)
+        >>> out.group_ids, out.grads.shape, out.zero_spread
+        (tensor([0, 1]), torch.Size([2, 264]), tensor([False,  True]))
     """
 
     group_ids: torch.Tensor
@@ -155,7 +165,7 @@ def pack_groups(local: torch.Tensor, batch_size: int) -> list[slice]:
         ``batch_size`` gets micro-batches of its own. Keeping a group together lets its rollouts
         share their prompt's forward pass.
 
-    Example:
+    Examples:
         >>> pack_groups(torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2]), 4)
         [slice(0, 2, None), slice(2, 5, None), slice(5, 9, None), slice(9, 10, None)]
     """
@@ -175,7 +185,7 @@ def pack_groups(local: torch.Tensor, batch_size: int) -> list[slice]:
 
 
 def packs_of_rows(local: torch.Tensor, batch_size: int, num_groups: int) -> list[int]:
-    """Group counts of the packs that :func:`pack_groups` forms over rows of groups ``local``.
+    """Group counts of the packs that [`pack_groups`][gradalign.extractors.base.pack_groups] forms over rows of groups ``local``.
 
     Groups without rows join the next pack (the last one, at the end); a group split over several
     micro-batches is one pack.
@@ -219,8 +229,18 @@ class GroupCounter:
 class GradientExtractor(ABC):
     """Computes one gradient row per problem group.
 
-    Subclasses implement :meth:`iter_groups`, which yields :class:`GroupGradients` over chunks of
+    Subclasses implement [`iter_groups`][gradalign.extractors.base.GradientExtractor.iter_groups], which yields [`GroupGradients`][gradalign.extractors.base.GroupGradients] over chunks of
     groups so that callers can stream a pool without holding every gradient at once.
+
+    Examples:
+        >>> import torch, gradalign as ga
+        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
+        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+        >>> from gradalign.testing import tiny_model
+        >>> model = tiny_model()
+        >>> ext = ga.FullGradient(target_modules=["lm_head"])  # any extractor: per_group or a stream
+        >>> [len(chunk) for chunk in ext.iter_groups(model, ro)]
+        [2]
     """
 
     def per_group(
@@ -237,7 +257,7 @@ class GradientExtractor(ABC):
             model: a causal LM (transformers or peft) returning logits.
             rollouts: the rollouts to differentiate.
             objective: the loss (default ``GRPOObjective()``), or its weights already prepared for
-                ``rollouts`` (:class:`~gradalign.objective.TokenWeights`).
+                ``rollouts`` ([`TokenWeights`][gradalign.token_weights.TokenWeights]).
             progress: show a progress bar.
         """
         return GroupGradients.concat(
@@ -250,7 +270,7 @@ class GradientExtractor(ABC):
         """How many consecutive groups (ascending ids) share each pass of this extractor.
 
         A group's result depends only on the groups of its pack, so extracting any union of whole
-        packs gives bit-identical rows (:class:`~gradalign.store.GradientStore` chunks by packs).
+        packs gives bit-identical rows ([`GradientStore`][gradalign.store.GradientStore] chunks by packs).
         The default: every group alone.
         """
         del objective
@@ -265,7 +285,7 @@ class GradientExtractor(ABC):
         *,
         progress: bool = False,
     ) -> Iterator[GroupGradients]:
-        """Yield :class:`GroupGradients` for consecutive chunks of groups (ascending ids)."""
+        """Yield [`GroupGradients`][gradalign.extractors.base.GroupGradients] for consecutive chunks of groups (ascending ids)."""
 
     @staticmethod
     def _check_inputs(call: str, model: Any, rollouts: Any) -> None:

@@ -1,7 +1,7 @@
 """Per-group gradients of linear layers from module hooks, one batched backward for many groups.
 
-Implementations: :class:`FactorizedGradient` (the public extractor) on top of
-:func:`factorized_chunks` (the engine, shared with :class:`~gradalign.extractors.lora.LoRAGradient`).
+Implementations: [`FactorizedGradient`][gradalign.extractors.factorized.FactorizedGradient] (the public extractor) on top of
+[`factorized_chunks`][gradalign.extractors.factorized.factorized_chunks] (the engine, shared with [`LoRAGradient`][gradalign.extractors.lora.LoRAGradient]).
 
 The weight gradient of a linear layer ``y = W a + b`` summed over a sequence's tokens is
 ``sum_t g_t a_t^T`` (``g_t`` the gradient of the loss w.r.t. ``y_t``), so with projections
@@ -13,7 +13,7 @@ Sequences are independent, so one backward over a micro-batch of many groups giv
 gradient. All parameters are frozen during extraction, which skips every weight-gradient GEMM;
 gradient flows from the input embeddings' output, made a leaf that requires grad.
 
-Projection matrices are rows of a :class:`gradalign.projection.Projector` keyed by
+Projection matrices are rows of a [`gradalign.projection.Projector`][gradalign.projection.Projector] keyed by
 ``(seed, module name, side="in"|"out")``, built once per call and never stored.
 
 Shape glossary: S sequences, T tokens, G groups, D gradient dimension, K projection dimension,
@@ -123,7 +123,7 @@ def _active_rows(
 def factorized_packs(
     rollouts: Rollouts, objective: Objective | TokenWeights | None, batch_size: int
 ) -> list[int]:
-    """The group packs :func:`factorized_chunks` runs together (see ``group_packs``)."""
+    """The group packs [`factorized_chunks`][gradalign.extractors.factorized.factorized_chunks] runs together (see ``group_packs``)."""
     _, active = _active_rows(prepare_weights("group_packs", objective, rollouts))
     rows = torch.cat(group_rows(rollouts))
     rows = rows[active[rows].to(rows.device)]
@@ -154,7 +154,7 @@ def factorized_chunks(
         rollouts: the rollouts to differentiate.
         objective: the loss, or its weights prepared for ``rollouts``.
         dims: (K_in, K_out); None leaves that side unprojected.
-        kind: projection kind, as in :class:`FactorizedGradient`.
+        kind: projection kind, as in [`FactorizedGradient`][gradalign.extractors.factorized.FactorizedGradient].
         seed: projection seed.
         batch_size: sequences per forward/backward.
         group_chunk: groups per yielded chunk.
@@ -164,7 +164,7 @@ def factorized_chunks(
         progress: show a progress bar.
 
     Yields:
-        :class:`GroupGradients` with one segment per module: weight (K_out * K_in, or
+        [`GroupGradients`][gradalign.extractors.base.GroupGradients] with one segment per module: weight (K_out * K_in, or
         K_in * K_out for Conv1D, the parameter's own layout) then bias (K_out).
     """
     sites, segments = _build_sites(named, dims, kind, seed, call)
@@ -254,12 +254,13 @@ class FactorizedGradient(GradientExtractor):
     The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode), also after an
     exception. With tied embeddings the head's segment holds only the output-head use of the
     shared weight. On a peft model, layers wrapped by LoRA are not linear layers any more: use
-    :class:`~gradalign.extractors.lora.LoRAGradient` for the adapters.
+    [`LoRAGradient`][gradalign.extractors.lora.LoRAGradient] for the adapters.
 
-    Example:
+    Examples:
         >>> ext = FactorizedGradient(dim_in=16, dim_out=16, seed=0)
-        >>> out = ext.per_group(model, rollouts)  # doctest: +SKIP
-        >>> out.grads.shape  # (G, sum over layers of 16 * 16 [+ 16 for a bias])  # doctest: +SKIP
+        >>> out = ext.per_group(model, rollouts)
+        >>> out.grads.shape  # (groups, sum over linear layers of 16 * 16 [+ 16 for a bias])
+        torch.Size([4, 3936])
     """
 
     dim_in: int | None = 16

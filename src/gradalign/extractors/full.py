@@ -1,7 +1,7 @@
 """Exact and random-projected per-group gradients by plain autograd.
 
-Implementations: :class:`FullGradient` (the exact gradient of every trainable parameter, or of the
-parameters of ``target_modules``) and :class:`RandomProjectedGradient` (the same gradient projected
+Implementations: [`FullGradient`][gradalign.extractors.full.FullGradient] (the exact gradient of every trainable parameter, or of the
+parameters of ``target_modules``) and [`RandomProjectedGradient`][gradalign.extractors.full.RandomProjectedGradient] (the same gradient projected
 to ``dim`` by a seeded projection regenerated block by block, never stored).
 
 Both run one micro-batched backward per group (groups need separate backwards for separate
@@ -92,23 +92,24 @@ class FullGradient(GradientExtractor):
             module selection ("all-linear", a regex, or a list of name suffixes) whose parameters
             are differentiated whether or not they are trainable.
         batch_size: sequences per forward/backward; bounds activation memory.
-        group_chunk: groups per streamed chunk in :meth:`iter_groups`; None keeps a chunk of
+        group_chunk: groups per streamed chunk in `iter_groups`; None keeps a chunk of
             gradients under 1 GiB.
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
-        preconditioner: optional parameter name -> scale (e.g. :class:`AdamPreconditioner`) that
+        preconditioner: optional parameter name -> scale (e.g. `AdamPreconditioner`) that
             multiplies each parameter's gradient before it is reduced or projected.
-        projection: a :class:`~gradalign.projection.Projector`: each group's gradient is projected
+        projection: a [`Projector`][gradalign.projection.Projector]: each group's gradient is projected
             to K as soon as it is computed (rows are (K,)); None keeps exact rows.
         share_prompts: run the group's prompt once per micro-batch and reuse its key/value cache
             for every rollout (the same numbers up to float rounding; see
-            :class:`~gradalign.extractors.factorized.FactorizedGradient`).
+            [`FactorizedGradient`][gradalign.extractors.factorized.FactorizedGradient]).
 
     The model is left as found: requires_grad flags, ``.grad`` and train/eval mode (extraction runs
     in eval mode so dropout is off).
 
-    Example:
-        >>> out = FullGradient(batch_size=4).per_group(model, rollouts)  # doctest: +SKIP
-        >>> out.grads.shape  # (G, D)  # doctest: +SKIP
+    Examples:
+        >>> out = FullGradient(batch_size=4).per_group(model, rollouts)
+        >>> out.grads.shape  # (groups, parameters)
+        torch.Size([4, 87616])
     """
 
     target_modules: TargetModules = None
@@ -252,7 +253,7 @@ class FullGradient(GradientExtractor):
 
 @dataclass(init=False)
 class RandomProjectedGradient(FullGradient):
-    """:class:`FullGradient` with ``projection=Projector(dim, kind, seed)``: a thin alias.
+    """[`FullGradient`][gradalign.extractors.full.FullGradient] with ``projection=Projector(dim, kind, seed)``: a thin alias.
 
     The projection of parameter ``name`` is regenerated block by block from ``(seed, name)``, so no
     dense (D, K) matrix ever sits in memory, and the same seed gives the same numbers whatever the
@@ -263,17 +264,18 @@ class RandomProjectedGradient(FullGradient):
         dim: K, the projected dimension.
         kind: one of ``gradalign.projection.KINDS``; default "sjlt" (sparse, fastest).
         seed: projection seed.
-        target_modules: as in :class:`FullGradient`.
-        batch_size: as in :class:`FullGradient`.
-        group_chunk: as in :class:`FullGradient`.
-        max_logits_elements: as in :class:`FullGradient`.
-        preconditioner: as in :class:`FullGradient`.
-        share_prompts: as in :class:`FullGradient`.
-        projection: a :class:`~gradalign.projection.Projector` instead of ``dim``/``kind``/``seed``.
+        target_modules: as in [`FullGradient`][gradalign.extractors.full.FullGradient].
+        batch_size: as in [`FullGradient`][gradalign.extractors.full.FullGradient].
+        group_chunk: as in [`FullGradient`][gradalign.extractors.full.FullGradient].
+        max_logits_elements: as in [`FullGradient`][gradalign.extractors.full.FullGradient].
+        preconditioner: as in [`FullGradient`][gradalign.extractors.full.FullGradient].
+        share_prompts: as in [`FullGradient`][gradalign.extractors.full.FullGradient].
+        projection: a [`Projector`][gradalign.projection.Projector] instead of ``dim``/``kind``/``seed``.
 
-    Example:
-        >>> out = RandomProjectedGradient(dim=1024, seed=0).per_group(model, rollouts)  # doctest: +SKIP
-        >>> out.grads.shape  # (G, 1024)  # doctest: +SKIP
+    Examples:
+        >>> out = RandomProjectedGradient(dim=1024, seed=0).per_group(model, rollouts)
+        >>> out.grads.shape
+        torch.Size([4, 1024])
     """
 
     def __init__(

@@ -1,10 +1,10 @@
 """Per-group gradients of a peft model's LoRA adapter weights only.
 
-Implementations: :class:`LoRAGradient`. The adapters' ``lora_A`` and ``lora_B`` pieces are plain
+Implementations: [`LoRAGradient`][gradalign.extractors.lora.LoRAGradient]. The adapters' ``lora_A`` and ``lora_B`` pieces are plain
 ``nn.Linear`` layers, so their exact per-group gradients come from the hook engine of
-:mod:`gradalign.extractors.factorized` (unprojected): one forward plus an activation-only backward
+[`gradalign.extractors.factorized`][gradalign.extractors.factorized] (unprojected): one forward plus an activation-only backward
 over many groups at once, no weight-gradient GEMM of the base model. With ``dim`` the exact rows are
-then projected like :class:`~gradalign.extractors.full.RandomProjectedGradient` projects them.
+then projected like [`RandomProjectedGradient`][gradalign.extractors.full.RandomProjectedGradient] projects them.
 
 Shape glossary: G groups, D adapter parameters, K projection dimension.
 """
@@ -108,7 +108,7 @@ class LoRAGradient(GradientExtractor):
     Args:
         dim: None for the exact gradients (one segment per ``lora_A``/``lora_B`` weight, named like
             ``model.named_parameters()``); an int K projects them to K dimensions with the seeded
-            projection of :class:`~gradalign.extractors.full.RandomProjectedGradient`.
+            projection of [`RandomProjectedGradient`][gradalign.extractors.full.RandomProjectedGradient].
         kind: projection kind when ``dim`` is set (one of ``gradalign.projection.KINDS``; default
             "sjlt").
         seed: projection seed.
@@ -117,16 +117,17 @@ class LoRAGradient(GradientExtractor):
         group_chunk: groups per yielded chunk; None keeps a chunk under 1 GiB.
         max_logits_elements: size of one (rows, V) chunk of the vocabulary projection.
         share_prompts: run a group's prompt once per micro-batch, as in
-            :class:`~gradalign.extractors.factorized.FactorizedGradient`.
-        projection: a :class:`~gradalign.projection.Projector` (instead of ``dim``, ``kind`` and
+            [`FactorizedGradient`][gradalign.extractors.factorized.FactorizedGradient].
+        projection: a [`Projector`][gradalign.projection.Projector] (instead of ``dim``, ``kind`` and
             ``seed``).
 
     The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode); adapter dropout
     is off during extraction (eval mode).
 
-    Example:
-        >>> out = LoRAGradient().per_group(peft_model, rollouts)  # doctest: +SKIP
-        >>> out.grads.shape  # (G, number of LoRA parameters)  # doctest: +SKIP
+    Examples:
+        >>> out = LoRAGradient().per_group(peft_model, rollouts)
+        >>> out.grads.shape  # (groups, LoRA parameters)
+        torch.Size([4, 1792])
     """
 
     dim: int | None = None

@@ -2,10 +2,10 @@
 
 Implementations:
 
-- :mod:`gradalign.integrations.trl` (extra ``gradalign[trl]``): :class:`GradAlignGRPOTrainer`, a
+- [`gradalign.integrations.trl`][gradalign.integrations.trl] (extra ``gradalign[trl]``): `GradAlignGRPOTrainer`, a
   ``trl.GRPOTrainer`` that re-selects its training problems with GradAlign every few steps, its
-  :class:`StreamingSelectionSampler`, and :func:`objective_from_config`.
-- :mod:`gradalign.integrations.verl`: a curriculum sampler for verl's ``data.sampler`` hook.
+  `StreamingSelectionSampler`, and `objective_from_config`.
+- [`gradalign.integrations.verl`][gradalign.integrations.verl]: a curriculum sampler for verl's ``data.sampler`` hook.
 
 Import a submodule itself (``from gradalign.integrations.trl import GradAlignGRPOTrainer``);
 this package imports no framework.

@@ -2,12 +2,12 @@
 
 Implementations:
 
-- :func:`objective_from_config` (from :mod:`gradalign.integrations.trl_config`, which needs no
-  TRL): the loss settings of a ``trl.GRPOConfig`` as a :class:`~gradalign.GRPOObjective`.
-- :class:`StreamingSelectionSampler`: an endless ``Sampler[int]`` in the layout of TRL's
-  ``RepeatSampler`` that re-reads the latest selection of a :class:`~gradalign.Curriculum` at every
+- [`objective_from_config`][gradalign.integrations.trl_config.objective_from_config] (from [`gradalign.integrations.trl_config`][gradalign.integrations.trl_config], which needs no
+  TRL): the loss settings of a ``trl.GRPOConfig`` as a [`GRPOObjective`][gradalign.objective.GRPOObjective].
+- [`StreamingSelectionSampler`][gradalign.integrations.trl.StreamingSelectionSampler]: an endless ``Sampler[int]`` in the layout of TRL's
+  ``RepeatSampler`` that re-reads the latest selection of a [`Curriculum`][gradalign.curriculum.Curriculum] at every
   generation block.
-- :class:`GradAlignGRPOTrainer`: a ``trl.GRPOTrainer`` that runs a selection round before the first
+- [`GradAlignGRPOTrainer`][gradalign.integrations.trl.GradAlignGRPOTrainer]: a ``trl.GRPOTrainer`` that runs a selection round before the first
   step and every ``rescore_every`` optimizer steps, and trains only on the selected problems.
 
 A selection round takes ``curriculum.next_chunk()``, samples ``num_generations`` completions per
@@ -15,7 +15,7 @@ candidate and ``num_validation_generations`` per validation prompt with the trai
 path (``GRPOTrainer._generate``: same generation config, chat template, vLLM or transformers
 backend), scores them with the trainer's reward functions (``_calculate_rewards``: the dataset's
 extra columns as keyword arguments, combined with ``reward_weights``), builds
-:class:`~gradalign.Rollouts` grouped by dataset index, runs ``GradAlign.select`` and records the
+[`Rollouts`][gradalign.rollouts.Rollouts] grouped by dataset index, runs ``GradAlign.select`` and records the
 selection in the curriculum. Rounds are kept out of the trainer's logged metrics and token count;
 their own summary is logged under ``gradalign/...``.
 
@@ -25,7 +25,7 @@ How a selection reaches the trainer: the training dataloader is built once and r
 consumed right after a round was drawn before the round. Two pieces make every generation batch
 after a round hold only selected problems:
 
-1. :class:`StreamingSelectionSampler` snapshots the selection at the start of every block of
+1. [`StreamingSelectionSampler`][gradalign.integrations.trl.StreamingSelectionSampler] snapshots the selection at the start of every block of
    ``generation_batch_size // num_generations`` problems, so every block drawn after a round comes
    from the new selection. It is endless (it has no length), so the Trainer runs for
    ``args.max_steps`` steps, with no epochs over a pool that keeps changing.
@@ -36,19 +36,24 @@ after a round hold only selected problems:
 
 Several processes (``torchrun`` / ``accelerate launch``): each rank samples its share of a round in
 generation calls seeded per call, so rollouts do not depend on the number of ranks; the selection
-is computed once by :class:`~gradalign.distributed.DistributedGradAlign` and recorded on every
+is computed once by [`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] and recorded on every
 rank; each rank serves its slice of every generation block.
 
 Limits of this version: no ``tools``, ``rollout_func`` or ``environment_factory``,
 ``multi_objective_aggregation="sum_then_normalize"`` only, and a resumed checkpoint does not
 restore the curriculum (save ``trainer.curriculum.state_dict()``).
 
-Example:
-    >>> from gradalign.integrations.trl import GradAlignGRPOTrainer  # doctest: +SKIP
-    >>> trainer = GradAlignGRPOTrainer(  # doctest: +SKIP
-    ...     model, reward_fn, args=GRPOConfig(output_dir="out", max_steps=100),
-    ...     train_dataset=pool, validation_dataset=trusted, chunk_size=64, rescore_every=10)
-    >>> trainer.train()  # doctest: +SKIP
+Examples:
+    A complete, tested script is ``examples/integrations/trl_one_process.py``.
+
+    ```python
+    from gradalign.integrations.trl import GradAlignGRPOTrainer
+
+    trainer = GradAlignGRPOTrainer(
+        model, reward_fn, args=GRPOConfig(output_dir="out", max_steps=100),
+        train_dataset=pool, validation_dataset=trusted, chunk_size=64, rescore_every=10)
+    trainer.train()
+    ```
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INDEX_COLUMN = "gradalign_index"
-"""Column that :class:`GradAlignGRPOTrainer` adds to the training dataset: each row's index."""
+"""Column that [`GradAlignGRPOTrainer`][gradalign.integrations.trl.GradAlignGRPOTrainer] adds to the training dataset: each row's index."""
 
 
 def _check_count(where: str, name: str, value: Any, minimum: int = 1) -> int:
@@ -102,20 +107,20 @@ def _check_count(where: str, name: str, value: Any, minimum: int = 1) -> int:
 class StreamingSelectionSampler(SelectionSampler):
     """Endless indices of the latest selection, in the layout of TRL's ``RepeatSampler``.
 
-    :class:`~gradalign.SelectionSampler` with ``endless=True`` and TRL's argument names.
+    [`SelectionSampler`][gradalign.sampler.SelectionSampler] with ``endless=True`` and TRL's argument names.
 
     Problems come in blocks of ``batch_size``; each block is served ``repeat_count`` times in a
     row and each problem ``num_generations`` times consecutively. Every block starts by checking
     the source: after a new record, blocks walk the new selection from its start. Within one
     selection the problems are walked in passes, each a fresh order from
-    :class:`~gradalign.SelectionSampler` (seeded by ``seed``, the record count and the pass), so
+    [`SelectionSampler`][gradalign.sampler.SelectionSampler] (seeded by ``seed``, the record count and the pass), so
     every selected problem is served once per pass. Before any record the sampler serves
     ``initial_ids``, else the whole pool.
 
     The sampler has no length: a Trainer given it needs ``max_steps``.
 
     Args:
-        source: a :class:`~gradalign.Curriculum` or any :class:`~gradalign.curriculum.SelectionSource`.
+        source: a [`Curriculum`][gradalign.curriculum.Curriculum] or any [`SelectionSource`][gradalign.sampler.SelectionSource].
         num_generations: rollouts per problem (``GRPOConfig.num_generations``).
         batch_size: problems per block (``generation_batch_size // num_generations``).
         repeat_count: times each block is served (``num_iterations * steps_per_generation``).
@@ -124,7 +129,7 @@ class StreamingSelectionSampler(SelectionSampler):
         initial_ids: (K0,) problems served before the first record.
 
     Raises:
-        GradAlignError: bad settings; from :meth:`next_block`, an empty selection.
+        GradAlignError: bad settings; from `next_block`, an empty selection.
 
     Examples:
         >>> import torch
@@ -187,8 +192,8 @@ class GradAlignGRPOTrainer(GRPOTrainer):
     """A ``trl.GRPOTrainer`` that trains only on problems selected by GradAlign.
 
     Before the first step and then every ``rescore_every`` optimizer steps it runs
-    :meth:`run_selection_round` with the current policy; the train sampler (a
-    :class:`StreamingSelectionSampler` over ``curriculum``) then serves only the selected problems,
+    [`run_selection_round`][gradalign.integrations.trl.GradAlignGRPOTrainer.run_selection_round] with the current policy; the train sampler (a
+    [`StreamingSelectionSampler`][gradalign.integrations.trl.StreamingSelectionSampler] over ``curriculum``) then serves only the selected problems,
     from the next generation batch on. Everything else (generation, rewards, loss, logging) is
     the ``GRPOTrainer``'s.
 
@@ -199,7 +204,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         train_dataset: the candidate pool, a map-style ``datasets.Dataset``.
         validation_dataset: the trusted validation problems, a ``datasets.Dataset`` with a
             ``prompt`` column and the extra columns the reward functions read.
-        selector: a :class:`~gradalign.GradAlign` (extractor, scorer, policy); default
+        selector: a [`GradAlign`][gradalign.selector.GradAlign] (extractor, scorer, policy); default
             ``GradAlign()`` (exact gradients, cosine, top half). Its objective is replaced by
             ``objective``.
         objective: the GRPO loss used for scoring; default ``objective_from_config(args)``.
@@ -221,8 +226,8 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         **kwargs: passed on to ``GRPOTrainer`` (``processing_class``, ``callbacks``, ...).
 
     Attributes:
-        curriculum: the :class:`~gradalign.Curriculum` holding every round's record.
-        last_selection: the latest recorded :class:`~gradalign.Selection` (None before).
+        curriculum: the [`Curriculum`][gradalign.curriculum.Curriculum] holding every round's record.
+        last_selection: the latest recorded [`Selection`][gradalign.selector.Selection] (None before).
         in_selection_round: True while a round samples and scores (reward functions may check it).
         replaced_batches: generation batches drawn before a round and replaced after it.
         fallback_rounds: rounds that fell back (see ``on_empty``).
@@ -230,13 +235,17 @@ class GradAlignGRPOTrainer(GRPOTrainer):
     Raises:
         GradAlignError: unsupported settings (see the module docstring) or bad arguments.
 
-    Example:
-        >>> trainer = GradAlignGRPOTrainer(  # doctest: +SKIP
-        ...     model, reward_fn, args=GRPOConfig(output_dir="out", max_steps=200),
-        ...     train_dataset=pool, validation_dataset=trusted, processing_class=tokenizer,
-        ...     selector=GradAlign(RandomProjectedGradient(dim=8192), policy=TopFraction(0.25)),
-        ...     chunk_size=256, rescore_every=20)
-        >>> trainer.train()  # doctest: +SKIP
+    Examples:
+        A complete, tested script is ``examples/integrations/trl_one_process.py``.
+
+        ```python
+        trainer = GradAlignGRPOTrainer(
+            model, reward_fn, args=GRPOConfig(output_dir="out", max_steps=200),
+            train_dataset=pool, validation_dataset=trusted, processing_class=tokenizer,
+            selector=GradAlign(RandomProjectedGradient(dim=8192), policy=TopFraction(0.25)),
+            chunk_size=256, rescore_every=20)
+        trainer.train()
+        ```
     """
 
     def __init__(
@@ -394,7 +403,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         """Score the next chunk of the pool with the current policy and record the selection.
 
         With several processes every rank samples and scores its share of the chunk and of the
-        validation set, and :class:`~gradalign.distributed.DistributedGradAlign` gives every rank
+        validation set, and [`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] gives every rank
         the same selection. A round with no informative selection falls back as ``on_empty`` says.
 
         Returns:
@@ -605,7 +614,7 @@ def _check_dataset(where: str, name: str, dataset: Any) -> None:
 
 
 ON_EMPTY = ("previous", "random", "all", "error")
-"""What :class:`GradAlignGRPOTrainer` does in a round with nothing to select (``on_empty``)."""
+"""What [`GradAlignGRPOTrainer`][gradalign.integrations.trl.GradAlignGRPOTrainer] does in a round with nothing to select (``on_empty``)."""
 
 
 def _round_seed(seed: int, *parts: int) -> int:

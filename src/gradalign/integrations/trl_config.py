@@ -1,9 +1,9 @@
 """The pure part of the TRL integration: a ``GRPOConfig``'s loss as a GRPOObjective.
 
 Nothing here imports TRL: the mapping works on any object with ``GRPOConfig``'s fields, so it can be
-used (and tested) without the framework. :mod:`gradalign.integrations.trl` holds the trainer.
+used (and tested) without the framework. [`gradalign.integrations.trl`][gradalign.integrations.trl] holds the trainer.
 
-Implementations: :func:`objective_from_config` and the table :data:`LOSS_AGGREGATION_OF`.
+Implementations: [`objective_from_config`][gradalign.integrations.trl_config.objective_from_config] and the table `LOSS_AGGREGATION_OF`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ LOSS_AGGREGATION_OF: dict[str, str] = {
     "dr_grpo": "seq-mean-token-sum-norm",
     "luspo": "seq-mean-token-sum",
 }
-"""TRL ``loss_type`` -> :attr:`GRPOObjective.loss_agg`."""
+"""TRL ``loss_type`` -> `GRPOObjective.loss_agg`."""
 
 # TRL normalises advantages with std + 1e-4 (std unbiased, as in GRPOObjective).
 _TRL_STD_EPS = 1e-4
@@ -37,7 +37,7 @@ _TRL_STD_EPS = 1e-4
 def objective_from_config(args: Any, *, include_kl: bool = False) -> GRPOObjective:
     """The GRPO objective that a ``trl.GRPOConfig`` trains with, for scoring problems.
 
-    Mapping: ``loss_type`` -> ``loss_agg`` by :data:`LOSS_AGGREGATION_OF` ("grpo" ->
+    Mapping: ``loss_type`` -> ``loss_agg`` by `LOSS_AGGREGATION_OF` ("grpo" ->
     "seq-mean-token-mean", "dapo"/"bnpo" -> "token-mean", "dr_grpo" -> "seq-mean-token-sum-norm"
     with ``max_response_length=max_completion_length``, ...); ``scale_rewards`` True/"group" ->
     "group", False/"none" -> "none", "batch" -> "batch"; ``epsilon``/``epsilon_high`` ->
@@ -60,7 +60,7 @@ def objective_from_config(args: Any, *, include_kl: bool = False) -> GRPOObjecti
         GradAlignError: an unknown ``loss_type`` or ``scale_rewards``, or "dr_grpo" without a
             ``max_completion_length``.
 
-    Example:
+    Examples:
         >>> from types import SimpleNamespace
         >>> cfg = SimpleNamespace(loss_type="dr_grpo", scale_rewards=False, epsilon=0.2,
         ...                       epsilon_high=0.28, beta=0.0, max_completion_length=256)

@@ -1,9 +1,9 @@
 """verl integration: a curriculum sampler over GradAlign selections, and DataProto -> Rollouts.
 
-Implementations: :class:`GradAlignSampler` (an ``AbstractCurriculumSampler`` that verl loads from
-``data.sampler.class_path`` / ``data.sampler.class_name``) and :class:`SamplerSettings` (its
-options, read from ``data_config.gradalign``). The DataProto converters :func:`group_batch` and
-:func:`rollouts_from_dataproto` live in :mod:`gradalign.integrations.verl_data`, which needs no verl,
+Implementations: [`GradAlignSampler`][gradalign.integrations.verl.GradAlignSampler] (an ``AbstractCurriculumSampler`` that verl loads from
+``data.sampler.class_path`` / ``data.sampler.class_name``) and [`SamplerSettings`][gradalign.integrations.verl.SamplerSettings] (its
+options, read from ``data_config.gradalign``). The DataProto converters [`group_batch`][gradalign.integrations.verl_data.group_batch] and
+[`rollouts_from_dataproto`][gradalign.integrations.verl_data.rollouts_from_dataproto] live in [`gradalign.integrations.verl_data`][gradalign.integrations.verl_data], which needs no verl,
 and are re-exported here.
 
 What runs where. verl builds the sampler in its driver process, which holds no model, and calls
@@ -11,14 +11,14 @@ What runs where. verl builds the sampler in its driver process, which holds no m
 
 * ``update(batch)`` (driver) groups the rows by ``non_tensor_batch["uid"]`` (never by position:
   verl reorders rows when balancing), maps each group to its dataset index, and records each
-  problem's pass rate (mean reward of its rollouts) in :attr:`GradAlignSampler.pass_rates`.
+  problem's pass rate (mean reward of its rollouts) in `GradAlignSampler.pass_rates`.
 * Gradient scoring needs the current policy and rollouts of the round's candidates and of the
-  validation set, which the sampler does not have. Call :meth:`GradAlignSampler.next_candidates`,
-  generate those rollouts, turn them into :class:`~gradalign.Rollouts` with
-  :func:`rollouts_from_dataproto`, and call :meth:`GradAlignSampler.score_and_select` wherever the
+  validation set, which the sampler does not have. Call [`GradAlignSampler.next_candidates`][gradalign.integrations.verl.GradAlignSampler.next_candidates],
+  generate those rollouts, turn them into [`Rollouts`][gradalign.rollouts.Rollouts] with
+  [`rollouts_from_dataproto`][gradalign.integrations.verl_data.rollouts_from_dataproto], and call [`GradAlignSampler.score_and_select`][gradalign.integrations.verl.GradAlignSampler.score_and_select] wherever the
   model lives (a custom trainer, a worker; several ranks may each pass a shard, see
-  :mod:`gradalign.distributed`). Or score elsewhere and hand the result to
-  :meth:`GradAlignSampler.record`. An ``on_update`` hook (``data.gradalign.on_update``, a
+  [`gradalign.distributed`][gradalign.distributed]). Or score elsewhere and hand the result to
+  [`GradAlignSampler.record`][gradalign.integrations.verl.GradAlignSampler.record]. An ``on_update`` hook (``data.gradalign.on_update``, a
   ``"module:function"`` called as ``fn(sampler, batch)``) runs at the end of every ``update``.
 * ``__iter__`` serves the latest recorded selection (the whole pool before the first), padded to
   whole batches of ``data.train_batch_size``; a selection recorded mid-epoch is served from the
@@ -78,7 +78,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Options of :class:`GradAlignSampler`, from ``data_config.gradalign`` (all optional).
+    """Options of [`GradAlignSampler`][gradalign.integrations.verl.GradAlignSampler], from ``data_config.gradalign`` (all optional).
 
     Args:
         chunk_size: M candidates per round; None = the whole dataset.
@@ -136,9 +136,9 @@ class GradAlignSampler(_SamplerBase):
 
     Args:
         data_source: the training dataset (verl's ``RLHFDataset``); N = ``len(data_source)``.
-        data_config: verl's ``data`` config: reads ``gradalign`` (see :class:`SamplerSettings`),
+        data_config: verl's ``data`` config: reads ``gradalign`` (see [`SamplerSettings`][gradalign.integrations.verl.SamplerSettings]),
             ``seed``, ``train_batch_size`` and ``dataloader_num_workers``.
-        selector: the :class:`~gradalign.GradAlign` to score with; default built from settings.
+        selector: the [`GradAlign`][gradalign.selector.GradAlign] to score with; default built from settings.
         on_update: a callable ``fn(sampler, batch)`` run after each update (overrides settings).
 
     Example (verl <= 0.7 command line)::
@@ -217,7 +217,7 @@ class GradAlignSampler(_SamplerBase):
             self._on_update(self, batch)
 
     def group(self, batch: Any) -> BatchGroups:
-        """:func:`group_batch` with this sampler's index and reward settings."""
+        """[`group_batch`][gradalign.integrations.verl_data.group_batch] with this sampler's index and reward settings."""
         return group_batch(
             batch,
             index_key=self.settings.index_key,
@@ -226,7 +226,7 @@ class GradAlignSampler(_SamplerBase):
         )
 
     def rollouts(self, batch: Any, **kwargs: Any) -> Rollouts:
-        """:func:`rollouts_from_dataproto` with this sampler's index and reward settings."""
+        """[`rollouts_from_dataproto`][gradalign.integrations.verl_data.rollouts_from_dataproto] with this sampler's index and reward settings."""
         kwargs.setdefault("index_key", self.settings.index_key)
         kwargs.setdefault("index_to_position", self.index_to_position)
         kwargs.setdefault("reward_key", self.settings.reward_key)
@@ -234,14 +234,14 @@ class GradAlignSampler(_SamplerBase):
 
     @property
     def num_updates(self) -> int:
-        """Training batches seen by :meth:`update`."""
+        """Training batches seen by [`update`][gradalign.integrations.verl.GradAlignSampler.update]."""
         return self.curriculum.num_observations
 
     @property
     def pass_rates(self) -> dict[str, torch.Tensor]:
         """(N,) per problem: ``count`` of rollouts seen in updates, ``mean`` reward over them,
         ``last`` mean reward of the latest update that saw it and ``last_update`` (-1: never);
-        the curriculum's :meth:`~gradalign.Curriculum.pass_rates`."""
+        the curriculum's [`pass_rates`][gradalign.curriculum.Curriculum.pass_rates]."""
         rates = self.curriculum.pass_rates()
         rates["last_update"] = rates.pop("last_observation")
         return rates
@@ -249,7 +249,7 @@ class GradAlignSampler(_SamplerBase):
     # GradAlign rounds ----------------------------------------------------------------------------
 
     def next_candidates(self) -> torch.Tensor:
-        """Start a round: (<= M,) dataset indices whose rollouts :meth:`score_and_select` needs."""
+        """Start a round: (<= M,) dataset indices whose rollouts [`score_and_select`][gradalign.integrations.verl.GradAlignSampler.score_and_select] needs."""
         return self.curriculum.next_chunk()
 
     def score_and_select(
@@ -263,7 +263,7 @@ class GradAlignSampler(_SamplerBase):
     ) -> Selection:
         """Score the round's candidates with the selector, record and return the selection.
 
-        ``candidates`` group ids must be dataset indices (as :func:`rollouts_from_dataproto`
+        ``candidates`` group ids must be dataset indices (as [`rollouts_from_dataproto`][gradalign.integrations.verl_data.rollouts_from_dataproto]
         gives). The selection is served from the next epoch of the dataloader on.
         """
         if self.curriculum.round < 0:
@@ -301,7 +301,7 @@ class GradAlignSampler(_SamplerBase):
         return {"curriculum": self.curriculum.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`."""
+        """Resume from [`state_dict`][gradalign.integrations.verl.GradAlignSampler.state_dict]."""
         if not isinstance(state, Mapping) or "curriculum" not in state:
             raise GradAlignError(
                 "GradAlignSampler.load_state_dict: the state must hold 'curriculum', got keys "

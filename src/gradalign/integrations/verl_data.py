@@ -2,11 +2,11 @@
 
 Nothing here imports verl: the converters read a ``DataProto``'s ``batch`` (tensors) and
 ``non_tensor_batch`` (numpy arrays) by name, so they work on any object laid out the same way.
-:mod:`gradalign.integrations.verl` holds the sampler.
+[`gradalign.integrations.verl`][gradalign.integrations.verl] holds the sampler.
 
-Implementations: :class:`BatchGroups`, :func:`group_batch` (a DataProto's rows grouped by ``uid``,
-each group mapped to its dataset index, with per-row rewards) and :func:`rollouts_from_dataproto`
-(a DataProto as :class:`~gradalign.Rollouts`, one group per problem).
+Implementations: [`BatchGroups`][gradalign.integrations.verl_data.BatchGroups], [`group_batch`][gradalign.integrations.verl_data.group_batch] (a DataProto's rows grouped by ``uid``,
+each group mapped to its dataset index, with per-row rewards) and [`rollouts_from_dataproto`][gradalign.integrations.verl_data.rollouts_from_dataproto]
+(a DataProto as [`Rollouts`][gradalign.rollouts.Rollouts], one group per problem).
 
 Shape glossary: S rows (rollouts), L prompt + response columns, R response columns, U uid groups.
 """
@@ -210,26 +210,31 @@ def rollouts_from_dataproto(
     pad_token_id: int = 0,
     include_logprobs: bool = False,
 ) -> Rollouts:
-    """A verl DataProto as :class:`~gradalign.Rollouts`, one group per problem.
+    """A verl DataProto as [`Rollouts`][gradalign.rollouts.Rollouts], one group per problem.
 
     Each row keeps its attended tokens (verl left-pads prompts and right-pads responses), moved
-    to the left so rows are right-padded as :class:`~gradalign.Rollouts` expects; the response
+    to the left so rows are right-padded as [`Rollouts`][gradalign.rollouts.Rollouts] expects; the response
     mask is verl's ``response_mask`` (tool outputs of multi-turn rollouts stay as context). Group
-    ids are dataset indices (see :func:`group_batch`): uids of the same problem form one group.
+    ids are dataset indices (see [`group_batch`][gradalign.integrations.verl_data.group_batch]): uids of the same problem form one group.
 
     Args:
         batch: a DataProto with ``responses`` (S, R), ``attention_mask`` (S, L), ``input_ids``
             (S, L) or ``prompts`` (S, L - R), token rewards (S, R), and ``uid`` (+ index) arrays.
-        group_key: as in :func:`group_batch`.
-        index_key: as in :func:`group_batch`.
-        index_to_position: as in :func:`group_batch`.
-        reward_key: as in :func:`group_batch`.
+        group_key: as in [`group_batch`][gradalign.integrations.verl_data.group_batch].
+        index_key: as in [`group_batch`][gradalign.integrations.verl_data.group_batch].
+        index_to_position: as in [`group_batch`][gradalign.integrations.verl_data.group_batch].
+        reward_key: as in [`group_batch`][gradalign.integrations.verl_data.group_batch].
         pad_token_id: the padding id of the packed rows.
         include_logprobs: carry ``old_log_probs`` and ``ref_log_prob`` (S, R) when present.
 
-    Example:
-        >>> ro = rollouts_from_dataproto(batch)  # doctest: +SKIP
-        >>> sel = GradAlign().select(model, ro, validation)  # ids are dataset indices  # doctest: +SKIP
+    Examples:
+        With ``batch`` a verl ``DataProto`` after reward computation (see
+        ``examples/integrations/verl_v1_scorer.py``):
+
+        ```python
+        ro = rollouts_from_dataproto(batch)
+        sel = GradAlign().select(model, ro, validation)  # ids are dataset indices
+        ```
     """
     call = "rollouts_from_dataproto"
     groups = group_batch(

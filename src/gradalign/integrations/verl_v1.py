@@ -2,7 +2,7 @@
 
 verl 0.9's v1 trainer keeps finished GRPO groups in a replay buffer (TransferQueue keys
 ``{uid}_{session}_{index}``) and lets a ``ReplayBuffer`` subclass choose which of them form the next
-training batch, in ``_select_prompt_uids``. :class:`GradAlignReplayBuffer` is that subclass. Plug it
+training batch, in ``_select_prompt_uids``. [`GradAlignReplayBuffer`][gradalign.integrations.verl_v1.GradAlignReplayBuffer] is that subclass. Plug it
 in with::
 
     trainer.v1.sampler.custom_sampler.path=pkg://gradalign.integrations.verl_v1
@@ -26,7 +26,7 @@ read their fields from TransferQueue with ``transfer_queue.kv_batch_get``.
 Only the sync trainer mode is supported (the async buffer trades freshness for throughput, which a
 per-batch selection undoes). Validation batches are served as verl serves them.
 
-Implementations: :class:`GradAlignReplayBuffer` and :class:`BufferSettings`.
+Implementations: [`GradAlignReplayBuffer`][gradalign.integrations.verl_v1.GradAlignReplayBuffer] and [`BufferSettings`][gradalign.integrations.verl_v1.BufferSettings].
 """
 
 # No ``from __future__ import annotations``: verl may load this module by path.
@@ -45,7 +45,7 @@ __all__ = ["BufferSettings", "GradAlignReplayBuffer"]
 
 @dataclasses.dataclass(frozen=True)
 class BufferSettings:
-    """Options of :class:`GradAlignReplayBuffer`, from ``trainer.v1.sampler.sampler_kwargs``.
+    """Options of [`GradAlignReplayBuffer`][gradalign.integrations.verl_v1.GradAlignReplayBuffer], from ``trainer.v1.sampler.sampler_kwargs``.
 
     Args:
         scorer: ``"package.module:function"`` (or a callable) returning ``{uid: score}``.
@@ -102,11 +102,11 @@ class GradAlignReplayBuffer(ReplayBuffer):
 
     Takes verl's constructor arguments (``trainer_mode``, ``trainer_config``,
     ``max_off_policy_threshold``, ``max_off_policy_strategy``, ``sampler_kwargs``, ``refill_fn``,
-    ...); its own options come from ``sampler_kwargs`` (:class:`BufferSettings`). See the module
+    ...); its own options come from ``sampler_kwargs`` ([`BufferSettings`][gradalign.integrations.verl_v1.BufferSettings]). See the module
     docstring for the wiring.
 
     Attributes:
-        settings: the :class:`BufferSettings`.
+        settings: the [`BufferSettings`][gradalign.integrations.verl_v1.BufferSettings].
         last_scores: ``{uid: score}`` of the latest selection's candidates.
         num_selections: training batches selected so far.
     """
