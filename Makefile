@@ -46,7 +46,8 @@ lint: $(VENV)/.dev-stamp
 typecheck: $(VENV)/.dev-stamp
 	$(BIN)/mypy
 
-pytest: $(VENV)/.verl-stamp
+# The suite builds the docs site too (tests/test_docs.py: mkdocs build --strict), so it needs [docs].
+pytest: $(VENV)/.verl-stamp $(VENV)/.docs-stamp
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The sdist and wheel build and their metadata renders on PyPI (twine check --strict).
@@ -61,6 +62,7 @@ $(VENV)/.docs-stamp: $(VENV)/.dev-stamp
 	$(PIP) install -q -c constraints.txt -e ".[docs]"
 	touch $@
 
+# The site under site/ (tests/test_docs.py builds it into a temporary folder in make test).
 docs: $(VENV)/.docs-stamp
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 

@@ -39,8 +39,11 @@ The full run resumes from its JSON: finished (scenario, method, seed) runs are s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
+import os
 import platform
 import random
 import statistics
@@ -67,14 +70,14 @@ METHODS = ("GradAlign", "Random", "AccGreedy", "AccuracyBand", "Learnability", "
 class Settings:
     """One run's budget; every method and scenario uses the same."""
 
-    rounds: int = 5
-    steps_per_round: int = 3
+    rounds: int = 4
+    steps_per_round: int = 2
     pool: int = 120
-    chunk: int = 24
-    keep: int = 6
+    chunk: int = 16
+    keep: int = 4
     rollouts: int = 8
     val: int = 8
-    test: int = 48
+    test: int = 32
     lr: float = 3e-4
     lora_rank: int = 8
     temperature: float = 1.3
@@ -352,27 +355,61 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_all(settings: Settings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+@contextlib.contextmanager
+def _locked(out: Path) -> Any:
+    """An exclusive lock beside ``out``: processes running other seeds merge into one JSON."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read(out: Path, settings: Settings) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    if data and data.get("settings") != asdict(settings) | {"seeds": list(settings.seeds)}:
+    expected = asdict(settings) | {"seeds": list(settings.seeds)}
+    if data and data.get("settings") != expected:
         raise SystemExit(f"{out} holds another experiment's settings; use another --out")
-    data.setdefault("settings", asdict(settings) | {"seeds": list(settings.seeds)})
+    data.setdefault("settings", expected)
     data.setdefault("runs", {})
-    data["cpu"], data["threads"] = cpu_name(), torch.get_num_threads()
+    return data
+
+
+def run_all(
+    settings: Settings,
+    out: Path,
+    log: Callable[[str], None] = print,
+    seeds: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Run every (seed, scenario, method) not yet in ``out``, saving after each run.
+
+    ``seeds`` restricts this process to some of the settings' seeds: several processes with
+    disjoint seeds can share one ``out`` (each run is merged into the file under a lock).
+    """
+    with _locked(out):
+        data = _read(out, settings)
     torch.manual_seed(0)
     base, tok = load_model(settings.quick)
     start = time.perf_counter()
-    for seed in settings.seeds:
+    for seed in settings.seeds if seeds is None else seeds:
         for scenario in SCENARIOS:
             for method in METHODS:
-                slot = data["runs"].setdefault(scenario, {}).setdefault(method, {})
-                if str(seed) in slot:
+                if str(seed) in data["runs"].get(scenario, {}).get(method, {}):
                     continue
                 run = Runner(base, tok, scenario, method, seed, settings)()
-                slot[str(seed)] = asdict(run)
-                data["wall_seconds"] = data.get("wall_seconds", 0.0) + run.seconds
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(data, indent=1))
+                with _locked(out):
+                    data = _read(out, settings)
+                    slot = data["runs"].setdefault(scenario, {}).setdefault(method, {})
+                    slot[str(seed)] = asdict(run)
+                    data["wall_seconds"] = data.get("wall_seconds", 0.0) + run.seconds
+                    data.setdefault("first_start", time.time() - run.seconds)  # epoch seconds
+                    data["last_end"] = time.time()
+                    data["cpu"], data["threads"] = cpu_name(), torch.get_num_threads()
+                    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(data, indent=1))
+                    os.replace(tmp, out)
                 log(
                     f"[{scenario} {method} seed {seed}] accuracy {run.accuracy[0]:.3f} -> "
                     f"{run.accuracy[-1]:.3f}, {run.seconds:.0f} s (total {time.perf_counter() - start:.0f} s)"
@@ -411,8 +448,14 @@ def report(data: dict[str, Any], png_dir: Path | None = None) -> str:
             plot(scenario, methods, png_dir / f"scenario_{scenario}.png")
     seeds = data["settings"]["seeds"]
     lines.append(
-        f"Seeds {seeds}; total run time {data.get('wall_seconds', 0) / 3600:.2f} h on "
-        f"{data.get('cpu')} ({data.get('threads')} threads)."
+        f"Seeds {seeds}; the runs' times add up to {data.get('wall_seconds', 0) / 3600:.2f} h on "
+        f"{data.get('cpu')} ({data.get('threads')} threads per process)"
+        + (
+            f"; {(data['last_end'] - data['first_start']) / 3600:.2f} h elapsed from the first "
+            "run's start to the last run's end."
+            if "first_start" in data
+            else "."
+        )
     )
     return "\n".join(lines)
 
@@ -444,13 +487,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, one seed, < 2 min")
     parser.add_argument("--report", type=Path, help="print the tables of this JSON and draw PNGs")
     parser.add_argument("--png-dir", type=Path, default=Path("docs/img"))
+    parser.add_argument(
+        "--seeds",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        help="only these of the settings' seeds (e.g. 0,2): run one process per seed in parallel",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.report is not None:
         print(report(json.loads(args.report.read_text()), args.png_dir))
         return
     settings = Settings.quick_settings() if args.quick else Settings()
-    torch.set_num_threads(1 if args.quick else max(1, torch.get_num_threads()))
-    data = run_all(settings, args.out)
+    torch.set_num_threads(1 if args.quick else (args.threads or torch.get_num_threads()))
+    if args.seeds is not None and not set(args.seeds) <= set(settings.seeds):
+        raise SystemExit(f"--seeds {args.seeds} are not among the settings' seeds {settings.seeds}")
+    data = run_all(settings, args.out, seeds=args.seeds)
     print(report(data))
 
 

@@ -6,7 +6,7 @@ first letter (``"c"``), else 0. Half of the training pool has *corrupted* reward
 that ignore the completion, the unreliable-reward regime of the GradAlign paper. A small trusted
 validation set with clean rewards gives GradAlign its target gradient.
 
-Each round the :class:`gradalign.Curriculum` hands out a chunk of candidate problems, the current
+Each round the `gradalign.Curriculum` hands out a chunk of candidate problems, the current
 policy samples ``k`` rollouts per candidate, the verifier scores them, a policy keeps half of the
 chunk, and ``T`` GRPO steps train on the kept problems. Three selection rules run the same loop
 from the same starting model:
@@ -19,7 +19,7 @@ The table reports, after every round, the expected reward on held-out clean prob
 probability of starting its answer with the right letter, which is the mean reward of sampling at
 temperature 1, computed exactly rather than estimated from samples.
 
-The starting model is a random :func:`gradalign.testing.tiny_model` given a short supervised
+The starting model is a random `gradalign.testing.tiny_model` given a short supervised
 warm-up on words outside every split, with labels that are right only 20% of the time (random
 letters otherwise): it knows the answer format and a little of the rule, so its pass rate starts
 near 0.25, where GRPO groups have the mixed rewards they need. That stands in for a pretrained LLM.
@@ -190,9 +190,19 @@ def sample(
 
 
 def collect(
-    model: nn.Module, task: Task, split: Split, ids: Sequence[int], k: int, streams: Streams
+    model: nn.Module,
+    task: Task,
+    split: Split,
+    ids: Sequence[int],
+    k: int,
+    streams: Streams,
+    group_ids: Sequence[int] | None = None,
 ) -> ga.Rollouts:
-    """Sample and reward k rollouts of each problem ``split[ids]``; the ids become group ids."""
+    """Sample and reward k rollouts of each problem ``split[ids]``.
+
+    The group ids are ``group_ids`` if given, else ``ids``: validation problems get ids of their
+    own, so that no validation group shares an id with a pool problem.
+    """
     rows = torch.tensor(list(ids))
     completions = sample(model, split.prompts[rows], k, task.eos_id, streams.sampling)
     first = torch.tensor([c[0] for c in completions])  # (S,)
@@ -204,7 +214,7 @@ def collect(
         split.prompts[rows].repeat_interleave(k, dim=0).tolist(),
         completions,
         rewards,
-        rows.repeat_interleave(k),
+        torch.tensor(list(ids if group_ids is None else group_ids)).repeat_interleave(k),
         pad_token_id=task.pad_id,
     )
 
@@ -301,12 +311,15 @@ def run(method: str, base: nn.Module, task: Task, cfg: Config) -> RunResult:
         noise=torch.Generator().manual_seed(cfg.seed + 3),
     )
     val_ids = range(len(task.validation.prompts))
+    val_groups = [-1 - i for i in val_ids]  # ids no pool problem has
     rewards = [expected_reward(model, task.test)]
     chosen_all: list[int] = []
     for round_ in range(cfg.rounds):
         chunk = cur.next_chunk().tolist()
         candidates = collect(model, task, task.pool, chunk, cfg.rollouts, streams)
-        validation = collect(model, task, task.validation, val_ids, cfg.rollouts, streams)
+        validation = collect(
+            model, task, task.validation, val_ids, cfg.rollouts, streams, val_groups
+        )
         selection = select(method, model, cfg, round_, candidates, validation, obj)
         cur.record(selection)
         chosen = selection.ids.tolist()
@@ -375,7 +388,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[int]]:
-    """The experiment's :class:`Config` and its seeds from the command line."""
+    """The experiment's `Config` and its seeds from the command line."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--rounds", type=_positive, help="selection rounds (default 12; 3 with --quick)"

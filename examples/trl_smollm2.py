@@ -1,6 +1,6 @@
 """GradAlign inside TRL's GRPOTrainer, on SmolLM2-135M-Instruct and arithmetic word problems.
 
-:class:`gradalign.integrations.trl.GradAlignGRPOTrainer` is a ``trl.GRPOTrainer``: same config,
+`gradalign.integrations.trl.GradAlignGRPOTrainer` is a ``trl.GRPOTrainer``: same config,
 generation, reward functions and loss. Before the first step and every ``--rescore-every`` steps it
 samples ``num_generations`` answers for a chunk of the pool and for a small trusted validation set,
 scores every candidate by the cosine between its GRPO gradient and the validation gradient, and
