@@ -60,16 +60,28 @@ def _reference(kind: str, dim: int, i: int, seed: int, name: str, side: str, nnz
             u = (_word(kind, seed, name, side, nnz, i // 2, k) >> (16 * (i % 2))) & 0xFFFF
             row[k] = table[u] / math.sqrt(dim)
     else:
+        # Stage 1: block b = i // 512 of the tensor moves to a slot (of S = max(16, dim // 4))
+        # with a sign; row i also gets the sign of its place in a 16384-row tile of signs.
+        slots = max(16, dim // 4)
+        wb = _word(kind, seed, name, side, nnz, i // 512, 0)
+        slot, block_sign = (wb & 0x7FFFFFFF) % slots, (1.0 if wb >> 31 else -1.0)
+        t = i % 16384
+        tile_sign = (
+            1.0 if (_word(kind, seed, name, side, nnz, t // 32, 1) >> (t % 32)) & 1 else -1.0
+        )
+        u = slot * 512 + i % 512  # the intermediate row
+        # Stage 2: an SJLT of the intermediate row, keyed on the seed alone (shared by tensors).
         edges = [(j * dim) // nnz for j in range(nnz + 1)]
         for j in range(nnz):
-            w = _word(kind, seed, name, side, nnz, i, j)
+            w = _word(kind, seed, "", "\x00intermediate", nnz, u, j)
             bucket = edges[j] + (w & 0x7FFFFFFF) % (edges[j + 1] - edges[j])
-            row[bucket] = (1.0 if w >> 31 else -1.0) / math.sqrt(nnz)
+            sign = (1.0 if w >> 31 else -1.0) * block_sign * tile_sign
+            row[bucket] = sign / math.sqrt(nnz)
     return row
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("start", [0, 45, 2**33 + 7])
+@pytest.mark.parametrize("start", [0, 45, 509, 16381, 2**33 + 7])  # across blocks, tiles
 def test_block_matches_python_reference(kind: str, start: int, normal_table: list[float]) -> None:
     dim, nnz = 12, 3
     block = projection_block(
@@ -315,3 +327,68 @@ def test_block_and_projector_errors() -> None:
     with pytest.raises(GradAlignError, match=r"Projector: dim must be an int >= 1, got -2"):
         Projector(dim=-2)
     assert issubclass(GradAlignError, ValueError)
+
+
+# --- the streamed sjlt path and ProjectionSum -------------------------------------------------
+
+
+@pytest.mark.parametrize(("dim", "n", "offset", "rows"), [(8, 4100, 0, 1), (8, 9000, 777, 3),
+                                                        (40, 70000, 16380, 2), (12, 40000, 2**33 + 5, 1)])  # fmt: skip
+def test_streamed_sjlt_equals_dense_block(dim: int, n: int, offset: int, rows: int) -> None:
+    """Inputs of >= M / 2 columns take the streamed two-stage path; the dense block is built row
+    by row from the hashed cells, which the pure-Python reference above pins down."""
+    import gradalign.projection as P
+
+    assert n >= P._sjlt_slots(dim) * P._SJLT_BLOCK // 2  # really the streamed path
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    kw = {"kind": "sjlt", "dim": dim, "seed": 4, "name": "emb", "side": ""}
+    dense = projection_block(start=offset, stop=offset + n, dtype=torch.float64, **kw)  # type: ignore[arg-type]
+    got = project(x.float(), offset=offset, **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(got.double(), x @ dense, rtol=1e-5, atol=1e-4)
+    acc = Projector(dim=dim, seed=4).accumulator(rows=rows)
+    cut = n // 3
+    acc.add(x[:, :cut].float(), name="emb", offset=offset)
+    acc.add(x[:, cut:].to(torch.bfloat16), name="emb", offset=offset + cut)  # any float dtype
+    want = x[:, :cut] @ dense[:cut] + x[:, cut:].to(torch.bfloat16).double() @ dense[cut:]
+    torch.testing.assert_close(acc.result().double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_sum_adds_tensors(kind: str) -> None:
+    proj = Projector(dim=24, kind=kind, seed=2)
+    g = torch.Generator().manual_seed(0)
+    parts = {
+        "a.weight": torch.randn(2, 5000, generator=g),
+        "a.bias": torch.randn(2, 7, generator=g),
+    }
+    acc = proj.accumulator(rows=2)
+    for name, x in parts.items():
+        acc.add(x, name=name)
+    want = sum(x @ proj.block(name=name, start=0, stop=x.shape[1]) for name, x in parts.items())
+    torch.testing.assert_close(acc.result(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(GradAlignError, match="x must have 2 rows, got 1"):
+        proj.accumulator(rows=2).add(torch.ones(1, 3), name="w")
+    with pytest.raises(GradAlignError, match="NaN or inf"):  # when added (dense) or summed (sjlt)
+        bad = proj.accumulator(rows=1)
+        bad.add(torch.full((1, 3), float("nan")), name="w")
+        bad.result()
+
+
+def test_sjlt_caches_never_change_results() -> None:
+    """The cached tiles, slot rows and stage-2 tables are pure functions of their keys."""
+    import gradalign.projection as P
+
+    x = torch.randn(1, 50_000, generator=torch.Generator().manual_seed(1))
+    kw = {"kind": "sjlt", "dim": 64, "seed": 0, "name": "w"}
+    first = project(x, **kw)  # type: ignore[arg-type]
+    for cache in (P._TILES, P._ROWS, P._STAGE2):
+        cache.items.clear()
+        cache.bytes = 0
+    old = P._ROWS.max_bytes
+    try:
+        P._ROWS.max_bytes = 0  # nothing fits: every call recomputes
+        assert torch.equal(project(x, **kw), first)  # type: ignore[arg-type]
+    finally:
+        P._ROWS.max_bytes = old
+    assert torch.equal(project(x, **kw), first)  # type: ignore[arg-type]
+    assert P._ROWS.bytes <= P._ROWS.max_bytes and P._TILES.bytes <= P._TILES.max_bytes

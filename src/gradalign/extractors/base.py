@@ -110,12 +110,20 @@ class GroupGradients:
             raise GradAlignError("GroupGradients.concat: needs at least one part, got none")
         ids = torch.cat([p.group_ids for p in items])
         order = torch.argsort(ids)
+        in_order = bool((order == torch.arange(len(ids))).all())
+        if in_order and len(items) == 1:
+            return items[0]  # already sorted: no copy of the (G, D) rows
+
+        def stack(parts: list[torch.Tensor]) -> torch.Tensor:
+            out = torch.cat(parts)
+            return out if in_order else out[order]  # streams come sorted: one copy, not two
+
         return cls(
-            group_ids=ids[order],
-            grads=torch.cat([p.grads for p in items])[order],
-            num_sequences=torch.cat([p.num_sequences for p in items])[order],
-            num_tokens=torch.cat([p.num_tokens for p in items])[order],
-            zero_spread=torch.cat([p.zero_spread for p in items])[order],
+            group_ids=stack([p.group_ids for p in items]),
+            grads=stack([p.grads for p in items]),
+            num_sequences=stack([p.num_sequences for p in items]),
+            num_tokens=stack([p.num_tokens for p in items]),
+            zero_spread=stack([p.zero_spread for p in items]),
             segments=items[0].segments,
         )
 

@@ -5,14 +5,18 @@ parameters of ``target_modules``) and [`RandomProjectedGradient`][gradalign.extr
 to ``dim`` by a seeded projection regenerated block by block, never stored).
 
 Both run one micro-batched backward per group (groups need separate backwards for separate
-gradients) and accumulate in float32 whatever the model's dtype.
+gradients) and accumulate in float32 whatever the model's dtype. A tensor hook on every
+differentiated parameter takes its gradient the moment autograd produces it: exact rows add it
+into their slice of the preallocated result, projected rows stream it into the projection's sum.
+Autograd gets a zero-stride zero back, so the whole gradient of a group never exists at once.
 
 Shape glossary: S sequences, T tokens, G groups, D gradient dimension, K projection dimension.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,22 +44,49 @@ from gradalign.rollouts import Rollouts, micro_batch_width
 __all__ = ["FullGradient", "RandomProjectedGradient"]
 
 
+class _Sink:
+    """Where each parameter's gradient goes the moment autograd produces it.
+
+    A tensor hook on every differentiated parameter hands its gradient to ``take`` and gives
+    autograd back a zero-stride zero, so ``torch.autograd.grad`` never holds the whole gradient:
+    only the parameter in flight. ``take`` is set per group (its row, or its projection sum).
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.take: Callable[[int, torch.Tensor], None] | None = None
+        self.last = True  # no further micro-batch of the group follows
+        self._handles = [
+            p.register_hook(functools.partial(self._hook, k)) for k, p in enumerate(params)
+        ]
+
+    def _hook(self, k: int, grad: torch.Tensor) -> torch.Tensor:
+        if self.take is not None:
+            self.take(k, grad)
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def _group_gradient(
     model: nn.Module,
     rollouts: Rollouts,
     prepared: TokenWeights,
     rows: torch.Tensor,
     params: list[nn.Parameter],
-    out: list[torch.Tensor],
+    sink: _Sink,
     *,
     batch_size: int,
     max_logits_elements: int,
     share_prompts: bool,
 ) -> None:
-    """Add one group's float32 loss gradient w.r.t. ``params`` into ``out`` (zeroed views)."""
+    """Hand one group's loss gradient w.r.t. ``params`` to ``sink``, parameter by parameter."""
     device = model_device(model)
     needs_logprobs = prepared.needs_logprobs
-    for mb in rows.split(batch_size):
+    batches = rows.split(batch_size)
+    for i, mb in enumerate(batches):
+        sink.last = i == len(batches) - 1
         width = micro_batch_width(rollouts.attention_mask[mb])
         if not needs_logprobs:
             weights = prepared.token_weights(rows=mb, width=width)  # (S', W)
@@ -77,10 +108,8 @@ def _group_gradient(
                     logp.detach().to(rollouts.device), rows=mb, width=width
                 )
             loss = -(weights.to(logp.device) * logp).sum()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for a, g in zip(out, grads, strict=True):
-            if g is not None:
-                a.add_(g.float())
+            # The hooks take every gradient; what autograd returns is zero-stride zeros.
+            torch.autograd.grad(loss, params, allow_unused=True)
 
 
 @dataclass
@@ -106,10 +135,19 @@ class FullGradient(GradientExtractor):
     The model is left as found: requires_grad flags, ``.grad`` and train/eval mode (extraction runs
     in eval mode so dropout is off).
 
+    Memory: exact rows are written parameter by parameter into a preallocated (G, D) float32
+    result, so `per_group` peaks at about ``(G + 2) * D * 4`` bytes over the model itself (the
+    result, one parameter's gradient in flight, the activations of one micro-batch) and
+    `iter_groups` at ``(group_chunk + 2) * D * 4`` per chunk held. With ``projection`` only the
+    (G, K) rows and one parameter's gradient are held, however large the pool.
+
     Examples:
         >>> out = FullGradient(batch_size=4).per_group(model, rollouts)
         >>> out.grads.shape  # (groups, parameters)
         torch.Size([4, 87616])
+        >>> G, D = out.grads.shape  # the peak memory over the model is about (G + 2) * D * 4 bytes
+        >>> round((G + 2) * D * 4 / 2**20, 1)  # MiB
+        2.0
     """
 
     target_modules: TargetModules = None
@@ -149,25 +187,12 @@ class FullGradient(GradientExtractor):
             self.projection.dim if self.projection is not None else sum(p.numel() for _, p in named)
         )
 
-    def _precondition(self, segments: tuple[Segment, ...], flat: torch.Tensor) -> None:
-        """Scale one group's flat gradient in place, parameter by parameter."""
-        if self.preconditioner is None:
-            return
-        for seg in segments:
-            scale = self.preconditioner.get(seg.name)
-            if scale is not None:
-                flat[seg.start : seg.stop].mul_(scale.to(flat.device, flat.dtype).flatten())
-
-    def _project_into(
-        self, segments: tuple[Segment, ...], flat: torch.Tensor, row: torch.Tensor
-    ) -> None:
-        """Project one group's full gradient as soon as it exists, parameter by parameter.
-
-        Only the (G, K) rows and one group's full gradient are ever held, however large the pool.
-        """
-        assert self.projection is not None
-        for seg in segments:
-            row += self.projection(flat[seg.start : seg.stop][None], name=seg.name)[0]  # (K,)
+    def _scale(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """One parameter's gradient times its preconditioner scale (float32, flat)."""
+        scale = None if self.preconditioner is None else self.preconditioner.get(name)
+        if scale is None:
+            return grad.reshape(-1)
+        return grad.reshape(-1).float() * scale.to(grad.device, torch.float32).flatten()
 
     def iter_groups(
         self,
@@ -177,6 +202,37 @@ class FullGradient(GradientExtractor):
         *,
         progress: bool = False,
     ) -> Iterator[GroupGradients]:
+        named, prepared = self._prepare(model, rollouts, objective)
+        return self._chunks(model, rollouts, prepared, named, progress)
+
+    def per_group(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        objective: Objective | TokenWeights | None = None,
+        *,
+        progress: bool = False,
+    ) -> GroupGradients:
+        """(G, D) gradients of each group's loss, groups sorted by id, written into one buffer.
+
+        Exact rows go straight into a preallocated (G, D) result, parameter by parameter, so the
+        peak memory is about (G + 2) * D * 4 bytes over the model (the result, one parameter's
+        gradient in flight and the activations of one micro-batch); nothing is concatenated.
+        """
+        named, prepared = self._prepare(model, rollouts, objective)
+        dim = self._row_dim(named)
+        buffer = torch.zeros(rollouts.num_groups, dim, device=model_device(model))  # (G, D)
+        counter = GroupCounter(
+            enabled=progress, total=rollouts.num_groups, desc=type(self).__name__
+        )
+        try:
+            return self._fill(model, rollouts, prepared, named, 0, buffer, counter)
+        finally:
+            counter.close()
+
+    def _prepare(
+        self, model: nn.Module, rollouts: Rollouts, objective: Objective | TokenWeights | None
+    ) -> tuple[list[tuple[str, nn.Parameter]], TokenWeights]:
         call = f"{type(self).__name__}.per_group"
         self._check_inputs(call, model, rollouts)
         if fsdp_root(model) is not None:
@@ -187,8 +243,7 @@ class FullGradient(GradientExtractor):
                 "sharded weights"
             )
         named = target_parameters(model, self.target_modules, call=call)
-        prepared = prepare_weights(call, objective, rollouts)
-        return self._chunks(model, rollouts, prepared, named, progress)
+        return named, prepare_weights(call, objective, rollouts)
 
     def _chunks(
         self,
@@ -203,52 +258,144 @@ class FullGradient(GradientExtractor):
         The model is put in extraction mode for each chunk and restored before the chunk is
         yielded, so a paused or abandoned stream never leaves the model in eval mode.
         """
-        params = [p for _, p in named]
-        segments, dim = self._segments(named), self._row_dim(named)
+        dim = self._row_dim(named)
         chunk = self.group_chunk or max(1, CHUNK_BYTES // (4 * max(1, dim)))
-        zero_spread = prepared.zero_spread(rollouts).cpu()
-        tokens, sizes = rollouts.group_token_counts().cpu(), rollouts.group_sizes().cpu()
-        all_rows = group_rows(rollouts)
-        counter = GroupCounter(enabled=progress, total=len(all_rows), desc=type(self).__name__)
+        total = rollouts.num_groups
+        counter = GroupCounter(enabled=progress, total=total, desc=type(self).__name__)
         device = model_device(model)
-        # A projected row needs one group's full gradient as scratch; an exact row is that itself.
-        scratch = None if self.projection is None else torch.zeros(segments[-1].stop, device=device)
         try:
-            for lo in range(0, len(all_rows), chunk):
-                hi = min(len(all_rows), lo + chunk)
-                buffer = torch.zeros(hi - lo, dim, dtype=torch.float32, device=device)  # (Gc, D)
-                with extraction_mode(model, params):
-                    for g in range(lo, hi):
-                        flat = buffer[g - lo] if scratch is None else scratch.zero_()
-                        views = [
-                            flat[s.start : s.stop].view(p.shape)
-                            for s, p in zip(segments, params, strict=True)
-                        ]
-                        _group_gradient(
-                            model,
-                            rollouts,
-                            prepared,
-                            all_rows[g],
-                            params,
-                            views,
-                            batch_size=self.batch_size,
-                            max_logits_elements=self.max_logits_elements,
-                            share_prompts=self.share_prompts,
-                        )
-                        self._precondition(segments, flat)
-                        if scratch is not None:
-                            self._project_into(segments, flat, buffer[g - lo])
-                        counter.update(1)
-                yield GroupGradients(
-                    group_ids=rollouts.unique_groups[lo:hi].cpu(),
-                    grads=buffer.cpu(),
-                    num_sequences=sizes[lo:hi],
-                    num_tokens=tokens[lo:hi],
-                    zero_spread=zero_spread[lo:hi],
-                    segments=segments if self.projection is None else (),
-                )
+            for lo in range(0, total, chunk):
+                buffer = torch.zeros(min(total, lo + chunk) - lo, dim, device=device)  # (Gc, D)
+                yield self._fill(model, rollouts, prepared, named, lo, buffer, counter)
         finally:
             counter.close()
+
+    def _fill(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        prepared: TokenWeights,
+        named: list[tuple[str, nn.Parameter]],
+        lo: int,
+        buffer: torch.Tensor,
+        counter: GroupCounter,
+    ) -> GroupGradients:
+        """Rows of groups ``lo .. lo + len(buffer)`` written into ``buffer`` (zeros)."""
+        params = [p for _, p in named]
+        segments = self._segments(named)
+        hi = lo + buffer.shape[0]
+        all_rows = group_rows(rollouts)
+        with extraction_mode(model, params):
+            sink = _Sink(params)
+            try:
+                for g in range(lo, hi):
+                    args = (model, rollouts, prepared, all_rows[g], named, sink, buffer[g - lo])
+                    if self.projection is None:
+                        self._exact_row(*args, segments)
+                    else:
+                        self._projected_row(*args)
+                    counter.update(1)
+            finally:
+                sink.close()
+        tokens, sizes = rollouts.group_token_counts().cpu(), rollouts.group_sizes().cpu()
+        return GroupGradients(
+            group_ids=rollouts.unique_groups[lo:hi].cpu(),
+            grads=buffer.cpu(),
+            num_sequences=sizes[lo:hi],
+            num_tokens=tokens[lo:hi],
+            zero_spread=prepared.zero_spread(rollouts).cpu()[lo:hi],
+            segments=segments if self.projection is None else (),
+        )
+
+    def _backward(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        prepared: TokenWeights,
+        rows: torch.Tensor,
+        params: list[nn.Parameter],
+        sink: _Sink,
+    ) -> None:
+        _group_gradient(
+            model,
+            rollouts,
+            prepared,
+            rows,
+            params,
+            sink,
+            batch_size=self.batch_size,
+            max_logits_elements=self.max_logits_elements,
+            share_prompts=self.share_prompts,
+        )
+
+    def _exact_row(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        prepared: TokenWeights,
+        rows: torch.Tensor,
+        named: list[tuple[str, nn.Parameter]],
+        sink: _Sink,
+        row: torch.Tensor,
+        segments: tuple[Segment, ...],
+    ) -> None:
+        """One group's exact gradient, added into ``row`` (D,) parameter by parameter."""
+        views = [row[s.start : s.stop] for s in segments]
+
+        def take(k: int, grad: torch.Tensor) -> None:
+            views[k].add_(grad.reshape(-1))
+
+        sink.take = take
+        self._backward(model, rollouts, prepared, rows, [p for _, p in named], sink)
+        if self.preconditioner is not None:
+            for seg, view in zip(segments, views, strict=True):
+                scale = self.preconditioner.get(seg.name)
+                if scale is not None:
+                    view.mul_(scale.to(view.device, view.dtype).flatten())
+
+    def _projected_row(
+        self,
+        model: nn.Module,
+        rollouts: Rollouts,
+        prepared: TokenWeights,
+        rows: torch.Tensor,
+        named: list[tuple[str, nn.Parameter]],
+        sink: _Sink,
+        row: torch.Tensor,
+    ) -> None:
+        """One group's projected gradient (K,) into ``row``: each parameter's block is projected
+        as soon as autograd produces it and dropped, so no (D,) vector is ever held.
+
+        ``sjlt`` streams every micro-batch's block into its intermediate sum at once (two passes
+        over the block); the dense kinds keep a parameter's float32 sum only while more
+        micro-batches of the group follow, and project it once.
+        """
+        assert self.projection is not None
+        acc = self.projection.accumulator(device=row.device)
+        pending: dict[int, torch.Tensor] = {}
+        streamed = self.projection.kind == "sjlt"
+
+        def add(k: int, grad: torch.Tensor) -> None:
+            name = named[k][0]
+            acc.add(self._scale(name, grad)[None], name=name)
+
+        def take(k: int, grad: torch.Tensor) -> None:
+            if streamed:
+                add(k, grad)
+            elif k in pending:
+                pending[k].add_(grad)
+                if sink.last:
+                    add(k, pending.pop(k))
+            elif sink.last:
+                add(k, grad)
+            else:
+                pending[k] = grad.to(torch.float32, copy=True)
+
+        sink.take = take
+        self._backward(model, rollouts, prepared, rows, [p for _, p in named], sink)
+        for k in list(pending):  # the group's last micro-batch was skipped (zero weights)
+            add(k, pending.pop(k))
+        row.copy_(acc.result()[0])
 
 
 @dataclass(init=False)
@@ -258,7 +405,11 @@ class RandomProjectedGradient(FullGradient):
     The projection of parameter ``name`` is regenerated block by block from ``(seed, name)``, so no
     dense (D, K) matrix ever sits in memory, and the same seed gives the same numbers whatever the
     batch size, chunking or device. Inner products are preserved in expectation
-    (Johnson-Lindenstrauss).
+    (Johnson-Lindenstrauss). Each parameter's gradient is projected as soon as autograd produces
+    it and then dropped: only the (G, K) rows and one parameter's gradient are ever held. With
+    the default ``kind="sjlt"`` a parameter costs two passes over its gradient (see
+    [`ProjectionSum`][gradalign.projection.ProjectionSum]), about 0.1x a training step on
+    SmolLM2-135M at ``dim=8192``.
 
     Args:
         dim: K, the projected dimension.
