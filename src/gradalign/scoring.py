@@ -65,9 +65,17 @@ def scaled_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     magnitude of the input (1e20 or 1e-30 alike); a zero row stays zero with scale 0.
     """
     x = x.float()
-    scale = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0])  # (N,)
+    scale = _max_abs(x)  # (N,)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return x / safe[:, None], scale.double()
+
+
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """(N,) largest magnitude of each row of a float (N, D), without an (N, D) temporary."""
+    if not x.shape[1]:
+        return x.new_zeros(x.shape[0])
+    low, high = torch.aminmax(x, dim=1)
+    return torch.maximum(high, -low)
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +91,10 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return scaled.norm(dim=1).double() * scale
 
 
+_SCORE_BLOCK = 1 << 22
+"""Columns per block of [`alignment_terms`][gradalign.scoring.alignment_terms]: 16 MiB of each scaled row."""
+
+
 def alignment_terms(
     grads: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,10 +104,23 @@ def alignment_terms(
     results are float64, so any finite input gives finite terms. Cosine is
     ``dot / (grad_norm * target_norm)``; the paper's inner product is ``dot / target_norm``.
     """
-    gs, g_scale = scaled_rows(grads)  # (G, D), (G,)
-    ts, t_scale = scaled_rows(targets.to(grads.device))  # (Q, D), (Q,)
-    dot = (gs @ ts.T).double() * g_scale[:, None] * t_scale[None, :]  # (G, Q)
-    return dot, gs.norm(dim=1).double() * g_scale, ts.norm(dim=1).double() * t_scale
+    grads, targets = grads.float(), targets.to(grads.device).float()
+    g_scale, t_scale = _max_abs(grads), _max_abs(targets)  # (G,), (Q,)
+    g_safe = torch.where(g_scale > 0, g_scale, torch.ones_like(g_scale))[:, None]
+    t_safe = torch.where(t_scale > 0, t_scale, torch.ones_like(t_scale))[:, None]
+    dot = torch.zeros(grads.shape[0], targets.shape[0], dtype=torch.float64, device=grads.device)
+    g_sq = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+    t_sq = torch.zeros(targets.shape[0], dtype=torch.float64, device=grads.device)
+    # Column blocks: only a block of the scaled rows is ever held, never a copy of (G + Q, D).
+    for a in range(0, max(1, grads.shape[1]), _SCORE_BLOCK):
+        gs = grads[:, a : a + _SCORE_BLOCK] / g_safe  # (G, d)
+        ts = targets[:, a : a + _SCORE_BLOCK] / t_safe  # (Q, d)
+        dot += (gs @ ts.T).double()
+        g_sq += gs.norm(dim=1).double().square()
+        t_sq += ts.norm(dim=1).double().square()
+    g_scale, t_scale = g_scale.double(), t_scale.double()
+    dot = dot * g_scale[:, None] * t_scale[None, :]  # (G, Q)
+    return dot, g_sq.sqrt() * g_scale, t_sq.sqrt() * t_scale
 
 
 def cosine_from_terms(
@@ -283,9 +308,12 @@ class TargetAccumulator:
             grads = grads * weight[:, None]
         else:
             weight = torch.ones(len(chunk), dtype=torch.float32)
-        total = torch.zeros(q, grads.shape[1], dtype=torch.float32).index_add_(0, index, grads)
+        if self._sum is None or self._sum.shape != (q, grads.shape[1]):
+            total = torch.zeros(q, grads.shape[1], dtype=torch.float32).index_add_(0, index, grads)
+            self._sum = total if self._sum is None else self._sum + total
+        else:
+            self._sum.index_add_(0, index, grads)  # in place: the (Q, D) sum is held once
         counts = torch.zeros(q, dtype=torch.float32).index_add_(0, index, weight)
-        self._sum = total if self._sum is None else self._sum + total
         self._weight = counts if self._weight is None else self._weight + counts
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +328,9 @@ class TargetAccumulator:
         """(Q, D) targets (Q = 1 without tasks)."""
         if sums is None or weights is None:
             sums, weights = self.state()
-        return torch.where(weights[:, None] > 0, sums / weights.clamp_min(1e-30)[:, None], 0.0)
+        out = sums / weights.clamp_min(1e-30)[:, None]  # one new (Q, D), no where-copy
+        out[~(weights > 0)] = 0.0
+        return out
 
 
 def build_target(

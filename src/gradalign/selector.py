@@ -302,6 +302,7 @@ class GradAlign:
         prepared = self.objective.prepare(validation, stats)
         for chunk in extractor.iter_groups(model, validation, prepared, progress=progress):
             acc.add(chunk)
+            del chunk  # free it before the extractor fills the next one
         return acc
 
     def check_targets(
@@ -340,6 +341,7 @@ class GradAlign:
             spread.append(chunk.zero_spread)
             if self.keep_grads:
                 kept.append(grads)
+            del chunk, grads  # only the (Q, D) targets and one chunk are ever held
         all_ids = torch.cat(ids)
         order = torch.argsort(all_ids)
         return CandidateRows(
