@@ -4,16 +4,23 @@ For each model, every method runs over the same rollouts, interleaved (repeat r 
 before repeat r + 1), and the median wall time (and process CPU time) is divided by that of one
 plain training forward+backward over the same rollouts. Torch runs one thread by default: on a
 shared 2-core machine, two OpenMP threads stall at every barrier while another process holds a
-core (3-6x slower, and erratic); pass ``--threads 2`` on an idle machine. Peak memory is the growth of the process's resident set
-during one run: VmHWM read after resetting it through /proc/self/clear_refs (Linux), minus VmRSS
-before the run (falls back to ru_maxrss growth, which cannot be reset, where clear_refs is absent).
+core (3-6x slower, and erratic); pass ``--threads 2`` on an idle machine. Two memory columns:
+"growth MiB" is the growth of this process's resident set during one run (VmHWM read after
+resetting it through /proc/self/clear_refs on Linux, minus VmRSS before the run; ru_maxrss growth
+where clear_refs is absent), and "peak RSS MiB" is the ru_maxrss of a fresh process that loads the
+model and runs the method once (``--one METHOD``), so no earlier method's allocations can hide or
+inflate it (interpreter, torch and the model included; "loaded" in the title is that process's RSS
+before the run). The subprocess column is on by default and off with ``--quick`` (turn it on or off
+with ``--peak-rss`` / ``--no-peak-rss``).
 
 Methods:
     train             one training step: forward + full backward (weight gradients) over all rollouts
     factorized        FactorizedGradient(dim_in=16, dim_out=16): one forward + activation-only backward
-    random-projected  RandomProjectedGradient(dim=8192, kind=--rp-kind): one backward per group,
-                      then the projection of the full gradient
-    full              FullGradient: one backward per group, full-size gradient rows
+    random-projected  RandomProjectedGradient(dim=8192, kind=--rp-kind, default "sjlt"): one
+                      backward per group, each parameter's gradient projected as autograd makes it
+    full              FullGradient: one backward per group, full-size gradient rows, streamed
+                      (iter_groups, as GradAlign scores candidates)
+    full-per-group    (--one only) FullGradient.per_group: every (G, D) row held at once
     per-group loop    an independent loop (the paper's approach): per group, plain forward, backward
                       into .grad, and a full-size copy of the flattened gradient
 
@@ -23,6 +30,8 @@ Then a 100M-dimensional gradient is projected to K=8192 with ``gradalign.project
 Usage:
     python benchmarks/bench_extractors.py            # both models, about 10 min on 2 CPU cores
     python benchmarks/bench_extractors.py --quick    # smaller settings, under 2 min
+    python benchmarks/bench_extractors.py --one full --models smollm2 --shape 8,1,64
+                                                     # one method in this process: JSON peak RSS
 """
 
 from __future__ import annotations
@@ -31,9 +40,12 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -192,6 +204,15 @@ def extractor(ext: GradientExtractor) -> Method:
     return run
 
 
+def whole(ext: GradientExtractor) -> Method:
+    """``per_group``: every row of the pool held at once."""
+
+    def run(model: nn.Module, ro: Rollouts, obj: GRPOObjective) -> None:
+        ext.per_group(model, ro, obj).grads.norm(dim=1)
+
+    return run
+
+
 def per_group_loop(model: nn.Module, ro: Rollouts, obj: GRPOObjective) -> None:
     """The paper's approach, written independently: a backward and a full gradient copy per group."""
     weights = obj.token_weights(ro)  # (S, T)
@@ -209,17 +230,20 @@ def per_group_loop(model: nn.Module, ro: Rollouts, obj: GRPOObjective) -> None:
         del logits, logp, flat
 
 
-def methods(batch_size: int, per_group: int, rp_kind: str | None) -> dict[str, Method]:
-    """The compared methods; ``rp_kind=None`` leaves random-projected out."""
+def methods(
+    batch_size: int, per_group: int, rp_kind: str, *, extra: bool = False
+) -> dict[str, Method]:
+    """The compared methods; ``extra`` adds those only ``--one`` runs."""
+    rp = RandomProjectedGradient(dim=8192, kind=rp_kind, batch_size=per_group)
     table = {
         "train": train_step(batch_size),
         "factorized": extractor(FactorizedGradient(dim_in=16, dim_out=16, batch_size=batch_size)),
+        "random-projected": extractor(rp),
+        "full": extractor(FullGradient(batch_size=per_group)),
+        "per-group loop": per_group_loop,
     }
-    if rp_kind is not None:
-        rp = RandomProjectedGradient(dim=8192, kind=rp_kind, batch_size=per_group)
-        table["random-projected"] = extractor(rp)
-    table["full"] = extractor(FullGradient(batch_size=per_group))
-    table["per-group loop"] = per_group_loop
+    if extra:  # every (G, D) row held at once, as a user's per_group call does
+        table["full-per-group"] = whole(FullGradient(batch_size=per_group))
     return table
 
 
@@ -246,15 +270,26 @@ def measure(
     return {name: (med(wall[name]), med(cpu[name]), peaks[name]) for name in table}
 
 
-def report(title: str, results: dict[str, tuple[float, float, int]], repeats: int) -> None:
+def report(
+    title: str,
+    results: dict[str, tuple[float, float, int]],
+    repeats: int,
+    rss: dict[str, dict[str, int]] | None,
+) -> None:
     base, base_cpu = results["train"][:2]
-    print(f"\n{title}  (median of {repeats} interleaved repeats)")
-    print(f"  {'method':<18}{'wall s':>9}{'x train':>9}{'cpu s':>9}{'x train':>9}{'peak MiB':>10}")
+    loaded = "" if not rss else f"; loaded {rss['train']['loaded'] / 2**20:.0f} MiB"
+    print(f"\n{title}  (median of {repeats} interleaved repeats{loaded})")
+    print(
+        f"  {'method':<18}{'wall s':>9}{'x train':>9}{'cpu s':>9}{'x train':>9}"
+        f"{'growth MiB':>12}{'peak RSS MiB':>14}"
+    )
     for name, (sec, cpu, peak) in results.items():
+        peak_rss = f"{rss[name]['peak'] / 2**20:14.0f}" if rss else f"{'-':>14}"
         print(
             f"  {name:<18}{sec:9.2f}{sec / base:9.2f}{cpu:9.2f}{cpu / base_cpu:9.2f}"
-            f"{peak / 2**20:10.0f}"
+            f"{peak / 2**20:12.0f}{peak_rss}"
         )
+    print(f"  random-projected: {results['random-projected'][0] / base:.2f}x train (target <= 1.3)")
     fac, loop = results["factorized"][0], results["per-group loop"][0]
     print(
         f"  factorized: {fac / base:.2f}x train (target <= 0.9), "
@@ -262,27 +297,66 @@ def report(title: str, results: dict[str, tuple[float, float, int]], repeats: in
     )
 
 
+MODELS = {
+    "small": ("Qwen2 h256 L4 V1000", small_qwen, 32),
+    "smollm2": ("SmolLM2-135M", smollm2, 16),
+}
+"""key -> (title, loader, training micro-batch)."""
+
+
 def bench_model(
-    name: str,
-    model: nn.Module,
+    key: str,
     shape: tuple[int, int, int],
-    batch_size: int,
     repeats: int,
-    rp_kind: str | None,
+    rp_kind: str,
+    peak_rss: bool,
+    threads: int,
 ) -> None:
+    name, load, batch_size = MODELS[key]
+    model = load()
     groups, per_group, tokens = shape
     ro = make_rollouts(groups, per_group, tokens, int(model.config.vocab_size), seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     table = methods(batch_size, per_group, rp_kind)
-    for warm in ("train", "factorized"):  # allocator, projection tables
+    for warm in ("train", "factorized", "random-projected"):  # allocator, projection tables
         table[warm](model, ro, GRPOObjective())
     results = measure(model, ro, table, repeats)
+    del model
+    rss = None
+    if peak_rss:
+        rss = {m: one_in_subprocess(m, key, shape, rp_kind, threads) for m in table}
     title = (
         f"{name}: {n_params / 1e6:.1f}M parameters, {groups} groups x {per_group} rollouts x "
-        f"{tokens} tokens, micro-batch {batch_size}; random-projected "
-        + (f"kind={rp_kind}" if rp_kind else "skipped (--quick)")
+        f"{tokens} tokens, micro-batch {batch_size}; random-projected dim=8192 kind={rp_kind}"
     )
-    report(title, results, repeats)
+    report(title, results, repeats, rss)
+
+
+def one_in_subprocess(
+    method: str, key: str, shape: tuple[int, int, int], rp_kind: str, threads: int
+) -> dict[str, int]:
+    """Run ``--one method`` in a fresh interpreter; its RSS before the run and its ru_maxrss."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--models", key]
+    cmd += ["--shape", ",".join(map(str, shape)), "--rp-kind", rp_kind, "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_one(method: str, key: str, shape: tuple[int, int, int], rp_kind: str) -> None:
+    """Load the model, run one method once, print JSON: RSS before and ru_maxrss (bytes)."""
+    _, load, batch_size = MODELS[key]
+    model = load()
+    groups, per_group, tokens = shape
+    ro = make_rollouts(groups, per_group, tokens, int(model.config.vocab_size), seed=0)
+    run = methods(batch_size, per_group, rp_kind, extra=True)[method]
+    gc.collect()
+    _trim()
+    loaded = _status("VmRSS:")
+    t0 = time.perf_counter()
+    run(model, ro, GRPOObjective())
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"loaded": loaded, "peak": peak, "seconds": round(seconds, 3)}))
 
 
 def bench_projection(
@@ -345,19 +419,33 @@ def main() -> None:
         default="sjlt",
         help="RandomProjectedGradient kind (rademacher, gaussian, sjlt)",
     )
+    parser.add_argument(
+        "--peak-rss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure each method's peak RSS in a subprocess (default: on, off with --quick)",
+    )
+    parser.add_argument("--one", default=None, help="run only this method once; print JSON")
+    parser.add_argument("--shape", default=None, help="groups,rollouts,tokens (with --one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    repeats = args.repeats or (1 if args.quick else 3)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory: {MEMORY_HOW}")
     wanted = args.models.split(",")
-    if "small" in wanted:
-        shape = (16 if args.quick else 32, 8, 64)
-        bench_model("Qwen2 h256 L4 V1000", small_qwen(), shape, 32, repeats, args.rp_kind)
-    if "smollm2" in wanted:
-        shape = (2, 4, 64) if args.quick else (4, 4, 64)
-        rp_kind = None if args.quick else args.rp_kind  # projecting 135M dims takes minutes
-        bench_model("SmolLM2-135M", smollm2(), shape, 16, max(1, repeats - 1), rp_kind)
+    shapes = {
+        "small": (16 if args.quick else 32, 8, 64),
+        "smollm2": (2, 4, 64) if args.quick else (4, 4, 64),
+    }
+    if args.one is not None:
+        shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else shapes[wanted[0]]
+        run_one(args.one, wanted[0], shape, args.rp_kind)  # type: ignore[arg-type]
+        return
+    repeats = args.repeats or (1 if args.quick else 3)
+    peak_rss = not args.quick if args.peak_rss is None else args.peak_rss
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory: {MEMORY_HOW}")
+    for key in ("small", "smollm2"):
+        if key in wanted:
+            reps = repeats if key == "small" else max(1, repeats - 1)
+            bench_model(key, shapes[key], reps, args.rp_kind, peak_rss, args.threads)
     bench_projection(
         dim_in=10**8,
         k=8192,
