@@ -7,10 +7,10 @@ shared 2-core machine, two OpenMP threads stall at every barrier while another p
 core (3-6x slower, and erratic); pass ``--threads 2`` on an idle machine. Two memory columns:
 "growth MiB" is the growth of this process's resident set during one run (VmHWM read after
 resetting it through /proc/self/clear_refs on Linux, minus VmRSS before the run; ru_maxrss growth
-where clear_refs is absent), and "peak RSS MiB" is the ru_maxrss of a fresh process that loads the
-model and runs the method once (``--one METHOD``), so no earlier method's allocations can hide or
-inflate it (interpreter, torch and the model included; "loaded" in the title is that process's RSS
-before the run). The subprocess column is on by default and off with ``--quick`` (turn it on or off
+where clear_refs is absent), and "peak RSS MiB" is the peak resident set of a fresh process that
+loads the model and runs the method once (``--one METHOD``), so no earlier method's allocations can
+hide or inflate it: interpreter, torch and the model included ("loaded" in the title is that
+process's RSS before the run), VmHWM reset after loading (ru_maxrss where it cannot be reset). The subprocess column is on by default and off with ``--quick`` (turn it on or off
 with ``--peak-rss`` / ``--no-peak-rss``).
 
 Methods:
@@ -349,13 +349,17 @@ def run_one(method: str, key: str, shape: tuple[int, int, int], rp_kind: str) ->
     groups, per_group, tokens = shape
     ro = make_rollouts(groups, per_group, tokens, int(model.config.vocab_size), seed=0)
     run = methods(batch_size, per_group, rp_kind, extra=True)[method]
-    gc.collect()
-    _trim()
-    loaded = _status("VmRSS:")
+    with torch.no_grad():
+        sum(float(p.sum()) for p in model.parameters())  # page in memory-mapped weights
+    loaded = _peak_start()  # the peak is reset here: loading the model may have peaked higher
+    loaded = _status("VmRSS:") if CAN_RESET else loaded
     t0 = time.perf_counter()
     run(model, ro, GRPOObjective())
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if CAN_RESET:
+        peak = _status("VmHWM:")
+    else:  # ru_maxrss (KiB on Linux) cannot be reset: it may be the loading peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"loaded": loaded, "peak": peak, "seconds": round(seconds, 3)}))
 
 
