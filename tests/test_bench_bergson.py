@@ -1,0 +1,40 @@
+"""benchmarks/bench_bergson.py --quick runs where bergson is not installed (as in this venv):
+it says bergson is missing and still prints gradalign's rows with their quality column."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bergson.py"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bergson") is not None,
+    reason="bergson is installed here: the missing-bergson path cannot be seen",
+)
+def test_quick_without_bergson() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--dims", "16"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "bergson is missing" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("  gradalign ")]
+    assert [row[:2] for row in rows] == [["gradalign", "16x16"]]
+    _, _, wall, ratio, *_, corr = rows[0]  # method, wall s, x train, ..., corr
+    assert float(wall) > 0 and float(ratio) > 0
+    assert 0.0 < float(corr) <= 1.0  # the projected cosines track the exact ones
+    assert "  train " in text
+    assert "bergson 16x16" not in text
