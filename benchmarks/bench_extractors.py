@@ -48,6 +48,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -311,7 +313,8 @@ def bench_model(
     rp_kind: str,
     peak_rss: bool,
     threads: int,
-) -> None:
+) -> dict[str, Any]:
+    """Measure and print one model's table; returns it (ratios and MiB) for ``--json``."""
     name, load, batch_size = MODELS[key]
     model = load()
     groups, per_group, tokens = shape
@@ -330,6 +333,21 @@ def bench_model(
         f"{tokens} tokens, micro-batch {batch_size}; random-projected dim=8192 kind={rp_kind}"
     )
     report(title, results, repeats, rss)
+    base = results["train"][0]
+    return {
+        "title": title,
+        "threads": threads,
+        "repeats": repeats,
+        "methods": {
+            m: {
+                "seconds": sec,
+                "x_train": sec / base,
+                "peak_rss_mib": None if rss is None else rss[m]["peak"] / 2**20,
+                "loaded_mib": None if rss is None else rss[m]["loaded"] / 2**20,
+            }
+            for m, (sec, _, _) in results.items()
+        },
+    }
 
 
 def one_in_subprocess(
@@ -431,6 +449,7 @@ def main() -> None:
     )
     parser.add_argument("--one", default=None, help="run only this method once; print JSON")
     parser.add_argument("--shape", default=None, help="groups,rollouts,tokens (with --one)")
+    parser.add_argument("--json", type=Path, help="also write the tables to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -446,10 +465,14 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     peak_rss = not args.quick if args.peak_rss is None else args.peak_rss
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory: {MEMORY_HOW}")
+    tables = {}
     for key in ("small", "smollm2"):
         if key in wanted:
             reps = repeats if key == "small" else max(1, repeats - 1)
-            bench_model(key, shapes[key], reps, args.rp_kind, peak_rss, args.threads)
+            tables[key] = bench_model(key, shapes[key], reps, args.rp_kind, peak_rss, args.threads)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"torch": torch.__version__, "models": tables}, indent=1))
     bench_projection(
         dim_in=10**8,
         k=8192,

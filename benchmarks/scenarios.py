@@ -432,8 +432,8 @@ def report(data: dict[str, Any], png_dir: Path | None = None) -> str:
         lines += [
             f"### {scenario}",
             "",
-            f"| method | final accuracy | area under the curve | {share.replace('_', '-')} share of selections | rollouts per run |",
-            "|---|---|---|---|---|",
+            f"| method | final accuracy | area under the curve | {share.replace('_', '-')} share of selections | rollouts per run | seeds |",
+            "|---|---|---|---|---|---|",
         ]
         for method, runs in methods.items():
             acc = [r["accuracy"] for r in runs.values()]
@@ -441,7 +441,8 @@ def report(data: dict[str, Any], png_dir: Path | None = None) -> str:
             budget = statistics.fmean(r["rollouts"] for r in runs.values())
             lines.append(
                 f"| {method} | {_mean_sd([a[-1] for a in acc])} | "
-                f"{_mean_sd([statistics.fmean(a) for a in acc])} | {_mean_sd(shares)} | {budget:.0f} |"
+                f"{_mean_sd([statistics.fmean(a) for a in acc])} | {_mean_sd(shares)} | {budget:.0f} | "
+                f"{', '.join(sorted(runs, key=int))} |"
             )
         lines.append("")
         if png_dir is not None:
