@@ -473,6 +473,7 @@ def plot(scenario: str, methods: dict[str, Any], path: Path) -> None:
         x = list(range(len(mean)))
         ax.plot(x, mean.tolist(), label=method, linewidth=2 if method == "GradAlign" else 1)
         ax.fill_between(x, (mean - sd).tolist(), (mean + sd).tolist(), alpha=0.15)
+        ax.set_xticks(x)
     ax.set_xlabel("round (selection + GRPO steps)")
     ax.set_ylabel("held-out accuracy (exact answer probability)")
     ax.set_title(f"{scenario}: mean ± sd over seeds")
