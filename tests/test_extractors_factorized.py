@@ -279,3 +279,25 @@ def test_target_modules_and_bad_settings(qwen: nn.Module) -> None:
         FactorizedGradient(kind="dense")
     with pytest.raises(GradAlignError, match="batch_size must be an int >= 1"):
         FactorizedGradient(batch_size=0)
+
+
+def test_projection_matrices_are_cached_without_changing_results(
+    qwen: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradalign.extractors import _hooks
+    from gradalign.projection import Projector
+
+    ro = _rollouts(qwen.config.vocab_size, seed=1)
+    ext = FactorizedGradient(dim_in=8, dim_out=4, seed=11)
+    monkeypatch.setattr(_hooks, "_MATRICES", _hooks._LRU(64 << 20))  # cold cache
+    cold = ext.per_group(qwen, ro).grads
+    assert len(_hooks._MATRICES.items) == 2 * len(_linear_names(qwen))
+
+    def regenerate(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a cached matrix was regenerated")
+
+    monkeypatch.setattr(Projector, "block", regenerate)
+    assert torch.equal(ext.per_group(qwen, ro).grads, cold)  # warm: nothing regenerated
+    monkeypatch.undo()
+    monkeypatch.setattr(_hooks, "_MATRICES", _hooks._LRU(0))  # a cache too small to hold any
+    assert torch.equal(ext.per_group(qwen, ro).grads, cold)

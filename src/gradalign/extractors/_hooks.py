@@ -25,7 +25,7 @@ from torch import nn
 
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import Segment
-from gradalign.projection import Projector
+from gradalign.projection import _LRU, Projector
 
 
 @dataclass
@@ -68,6 +68,13 @@ def _make_site(name: str, module: nn.Module, call: str) -> _Site:
     return _Site(name, module, d_in, d_out, transposed, getattr(module, "bias", None) is not None)
 
 
+_MATRICES = _LRU(64 << 20)
+"""(kind, seed, name, side, d, K, device) -> (d, K) projection matrix, reused by later calls.
+
+A matrix depends only on its key, so the cache never changes a result; it spares regenerating
+every layer's matrices on every call (a selection round calls the extractor at least twice)."""
+
+
 def build_sites(
     named: list[tuple[str, nn.Module]],
     dims: tuple[int | None, int | None],
@@ -83,7 +90,12 @@ def build_sites(
         for side, k, d in (("in", dims[0], site.d_in), ("out", dims[1], site.d_out)):
             if k is not None:
                 projector = Projector(dim=k, kind=kind, seed=seed)
-                r = projector.block(name=name, start=0, stop=d, side=side, device=device)
+                r = _MATRICES.get(
+                    (kind, seed, name, side, d, k, str(device)),
+                    functools.partial(
+                        projector.block, name=name, start=0, stop=d, side=side, device=device
+                    ),
+                )
                 setattr(site, f"r_{side}", r)  # (d, K)
         site.start = start
         start += site.size
