@@ -71,21 +71,7 @@ def test_full_gradient_matches_torch_func_per_sample(llama_tied: torch.nn.Module
     model = llama_tied
     ro = make_rollouts(vocab=model.config.vocab_size, groups=GROUPS, rewards=REWARDS, seed=3)
     obj = GRPOObjective(scale_rewards="none", loss_agg="seq-mean-token-sum")
-    w = obj.token_weights(ro)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def seq_loss(
-        p: dict[str, torch.Tensor], ids: torch.Tensor, attn: torch.Tensor, wt: torch.Tensor
-    ) -> torch.Tensor:
-        logits = functional_call(model, p, (ids[None],), {"attention_mask": attn[None]}).logits
-        lp = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[1:, None]).squeeze(-1)
-        return -(wt[1:] * lp).sum()
-
-    per_seq = vmap(grad(seq_loss), in_dims=(None, 0, 0, 0))(
-        params, ro.input_ids, ro.attention_mask, w
-    )
-    flat = torch.cat([per_seq[k].flatten(1) for k in params], dim=1)  # (S, D)
-    ref = torch.zeros(ro.num_groups, flat.shape[1]).index_add_(0, ro.group_index, flat)
+    ref = _func_reference(model, ro, obj)
     out = FullGradient(batch_size=3).per_group(model, ro, obj)
     torch.testing.assert_close(out.grads, ref, rtol=1e-4, atol=1e-6)
 
