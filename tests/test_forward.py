@@ -213,3 +213,49 @@ def test_select_rows_keeps_left_padded_responses() -> None:
     ro = left_pad(make_rollouts(vocab=50, groups=GROUPS, rewards=REWARDS), extra=2)
     sub = ro.select_groups([9])
     assert int(sub.response_mask.sum()) == int(ro.response_mask[ro.group_ids == 9].sum())
+
+
+def test_target_logprob_matches_log_softmax_values_and_gradients() -> None:
+    """The one-pass log-prob of the target token against log_softmax + gather (float64
+    gradcheck too), with very negative and -inf logits, through one and several chunks."""
+    from gradalign._forward import _TargetLogProb
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=g, dtype=torch.float64) * 8
+    logits[2, 5:] = float("-inf")  # a masked vocabulary: those entries have probability 0
+    logits[3, 0] = -1e4
+    targets = torch.tensor([0, 49, 3, 0, 17, 17, 8])
+    weights = torch.randn(7, generator=g, dtype=torch.float64)
+
+    def run(fn: object) -> tuple[torch.Tensor, torch.Tensor]:
+        x = logits.clone().requires_grad_()
+        out = fn(x)  # type: ignore[operator]
+        (out * weights).sum().backward()
+        assert x.grad is not None
+        return out.detach(), x.grad
+
+    ours = run(lambda x: _TargetLogProb.apply(x, targets))
+    ref = run(lambda x: torch.log_softmax(x, -1).gather(-1, targets[:, None]).squeeze(-1))
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=1e-12)
+    finite = logits.clone()
+    finite[2, 5:] = -50.0
+    x = finite.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _TargetLogProb.apply(t, targets), (x,))
+
+
+@pytest.mark.parametrize("elements", [10**9, 7])
+def test_chunked_head_gradient_matches_autograd_through_log_softmax(
+    qwen: nn.Module, elements: int
+) -> None:
+    """Gradients of the summed response log-probs w.r.t. the hidden states' producer (every
+    parameter) equal autograd through the model's own logits and log_softmax."""
+    ro = make_rollouts(vocab=qwen.config.vocab_size, groups=GROUPS, rewards=REWARDS, seed=3)
+    params = [p for p in qwen.parameters() if p.requires_grad]
+    lp = response_logprobs(
+        qwen, ro.input_ids, ro.attention_mask, ro.response_mask, max_logits_elements=elements
+    )
+    ours = torch.autograd.grad(lp.sum(), params)
+    ref = torch.autograd.grad(_alone(qwen, ro).sum(), params)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -105,13 +105,41 @@ def _split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, Any] | None:
     return body, head, getattr(base, "config", None)
 
 
+class _TargetLogProb(torch.autograd.Function):
+    """log softmax(logits)[n, targets[n]] for each row n, in one pass over the (N, V) logits.
+
+    Forward keeps only the softmax, and the backward ``g[n] * (onehot(targets[n]) - softmax[n])``
+    reuses it, so each of the N * V entries is exponentiated once. ``logsumexp`` minus the target
+    logit exponentiates every entry twice and makes several more (N, V) passes: on SmolLM2 (330
+    rows, 49k vocabulary, 1 thread) its forward + backward took 0.15-0.26 s beside the head's
+    0.32 s of matrix products; this takes about 0.05 s.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        top = logits.amax(-1, keepdim=True)  # (N, 1)
+        probs = torch.sub(logits, top).exp_()  # (N, V) unnormalized
+        total = probs.sum(-1, keepdim=True)  # (N, 1)
+        probs.div_(total)
+        picked = logits.gather(-1, targets[:, None])  # (N, 1)
+        ctx.save_for_backward(probs, targets)
+        return (picked - top - total.log()).squeeze(-1)  # (N,)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        probs, targets = ctx.saved_tensors
+        out = probs * grad.neg()[:, None]  # (N, V)
+        return out.scatter_add_(-1, targets[:, None], grad[:, None]), None
+
+
 def _head_logprobs(
     head: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     def fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = transform(head(hidden).float())  # (N, V)
-        logz = torch.logsumexp(logits, dim=-1)  # (N,)
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - logz  # (N,)
+        out: torch.Tensor = _TargetLogProb.apply(logits, targets)  # (N,)
+        return out
 
     return fn
 
