@@ -40,6 +40,8 @@ Usage:
     python benchmarks/bench_bergson.py --threads 1,2   # each model at 1 then 2 threads
     python benchmarks/bench_bergson.py --quick         # tiny Qwen2 only, 1 repeat, no subprocesses
     python benchmarks/bench_bergson.py --one bergson:16 --models smollm2   # JSON peak RSS
+    python benchmarks/bench_bergson.py --json docs/results/bench_bergson.json  # also a JSON
+                                                     # (plot_performance.py draws its bars)
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -384,6 +387,29 @@ def report(title: str, results: dict[str, Result], repeats: int, dims: list[int]
         print(line)
 
 
+def summary(key: str, threads: int, repeats: int, results: dict[str, Result]) -> dict[str, Any]:
+    """One (model, threads) table for ``--json``: medians, ratios, peak RSS and quality."""
+    med = statistics.median
+    base = med(results["train"].wall)
+    methods: dict[str, Any] = {}
+    for name, res in results.items():
+        methods[name] = {
+            "seconds": med(res.wall),
+            "x_train": med(res.wall) / base,
+            "cpu_seconds": med(res.cpu),
+            "peak_rss_mib": res.peak["peak"] / 2**20 if res.peak else None,
+            "corr_mean": statistics.mean(res.corr) if res.corr else None,
+            "corr_sd": statistics.stdev(res.corr) if res.corr and len(res.corr) > 1 else None,
+        }
+    return {
+        "model": key,
+        "title": MODELS[key][0],
+        "threads": threads,
+        "repeats": repeats,
+        "methods": methods,
+    }
+
+
 def one_in_subprocess(method: str, key: str, threads: int) -> dict[str, int]:
     """Run ``--one method`` in a fresh interpreter; its RSS before the run and its peak."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--models", key]
@@ -429,6 +455,7 @@ def main() -> None:
         help="each method's peak RSS in a fresh subprocess (default: on, off with --quick)",
     )
     parser.add_argument("--one", default=None, help="run only this method once; print JSON")
+    parser.add_argument("--json", type=Path, help="also write the tables to this JSON file")
     args = parser.parse_args()
     models = (args.models or ("small" if args.quick else "small,smollm2")).split(",")
     threads = [int(t) for t in args.threads.split(",")]
@@ -449,13 +476,14 @@ def main() -> None:
             )
         else:
             print(f"bergson {bg.__version__}")
-        speedups = []
+        speedups, runs = [], []
         for n in threads:
             torch.set_num_threads(n)
             for key in models:
                 # peak RSS hardly depends on threads: measured at the first count only
                 first = n == threads[0]
                 results = bench_model(key, dims, repeats, n, peak_rss and first, run_dir)
+                runs.append(summary(key, n, repeats, results))
                 if key == "smollm2" and "bergson:16" in results:
                     ours, theirs = results["gradalign:16"], results["bergson:16"]
                     speedups.append(
@@ -465,6 +493,11 @@ def main() -> None:
                             statistics.median(theirs.cpu) / statistics.median(ours.cpu),
                         )
                     )
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            version = None if bg is None else bg.__version__
+            record = {"torch": torch.__version__, "bergson": version, "runs": runs}
+            args.json.write_text(json.dumps(record, indent=1))
         for n, speed, speed_cpu in speedups:
             verdict = "met" if speed >= 1.3 else "NOT met"
             print(

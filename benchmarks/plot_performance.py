@@ -3,6 +3,8 @@
 Usage:
     python benchmarks/bench_extractors.py --json docs/results/bench_extractors.json
     python benchmarks/plot_performance.py docs/results/bench_extractors.json --out docs/img/performance.png
+    python benchmarks/bench_bergson.py --json docs/results/bench_bergson.json
+    python benchmarks/plot_performance.py docs/results/bench_bergson.json --out docs/img/bergson.png
 """
 
 from __future__ import annotations
@@ -46,12 +48,47 @@ def plot(bench: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def plot_bergson(bench: dict, out: Path) -> None:
+    """gradalign beside bergson: time (x training step) and peak RSS per run (model, threads)."""
+    from matplotlib.figure import Figure
+
+    runs = bench["runs"]
+    fig = Figure(figsize=(10, 2.6 * len(runs)))
+    axes = fig.subplots(len(runs), 2, squeeze=False)
+    for row, run in zip(axes, runs, strict=True):
+        methods = run["methods"]
+        names = [m for m in methods if m != "train"]
+        colors = ["tab:blue" if m.startswith("gradalign") else "tab:grey" for m in names]
+        labels = [m.replace(":", " ") + "x" + m.partition(":")[2] for m in names]
+        row[0].barh(labels, [methods[m]["x_train"] for m in names], color=colors)
+        row[0].axvline(1.0, color="grey", lw=0.8, ls="--")
+        row[0].set_xlabel("time, x one training forward+backward")
+        title = f"{run['title']}, {run['threads']} thread(s)"
+        row[0].set_title(f"{title}: time", fontsize=9)
+        peaks = [methods[m]["peak_rss_mib"] for m in names]
+        if all(p is not None for p in peaks):
+            row[1].barh(labels, peaks, color=colors)
+            row[1].set_xlabel("peak RSS of a fresh process, MiB (model included)")
+            row[1].set_title(f"{title}: memory", fontsize=9)
+            row[1].set_yticklabels([])
+        else:
+            row[1].set_axis_off()
+        for ax in row:
+            ax.invert_yaxis()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("bench", type=Path, help="a JSON written by bench_extractors.py --json")
+    parser.add_argument(
+        "bench", type=Path, help="a JSON written by bench_extractors.py or bench_bergson.py --json"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/img/performance.png"))
     args = parser.parse_args()
-    plot(json.loads(args.bench.read_text()), args.out)
+    bench = json.loads(args.bench.read_text())
+    (plot_bergson if "runs" in bench else plot)(bench, args.out)
     print(f"wrote {args.out}")
 
 
