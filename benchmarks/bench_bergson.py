@@ -394,6 +394,7 @@ def summary(key: str, threads: int, repeats: int, results: dict[str, Result]) ->
     methods: dict[str, Any] = {}
     for name, res in results.items():
         methods[name] = {
+            "label": label(name),
             "seconds": med(res.wall),
             "x_train": med(res.wall) / base,
             "cpu_seconds": med(res.cpu),

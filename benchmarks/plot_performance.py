@@ -22,54 +22,28 @@ LABELS = {
 }
 
 
-def plot(bench: dict, out: Path) -> None:
+Panel = tuple[str, str, list[str], list[float], list[float | None], list[str] | None]
+"""(time title, memory title, bar labels, x training step, peak RSS MiB or None, bar colors or
+None for blue time and orange memory bars)."""
+
+
+def draw(panels: list[Panel], out: Path, height: float) -> None:
+    """One row per panel: time bars (x one training step) left, peak-memory bars right."""
     from matplotlib.figure import Figure
 
-    models = bench["models"]
-    fig = Figure(figsize=(10, 3.2 * len(models)))
-    axes = fig.subplots(len(models), 2, squeeze=False)
-    for row, (key, table) in zip(axes, models.items(), strict=True):
-        names = [m for m in LABELS if m in table["methods"]]
-        ratios = [table["methods"][m]["x_train"] for m in names]
-        row[0].barh([LABELS[m] for m in names], ratios, color="tab:blue")
+    fig = Figure(figsize=(10, height * len(panels)))
+    axes = fig.subplots(len(panels), 2, squeeze=False)
+    for row, (time_title, memory_title, labels, ratios, peaks, colors) in zip(
+        axes, panels, strict=True
+    ):
+        row[0].barh(labels, ratios, color=colors or "tab:blue")
         row[0].axvline(1.0, color="grey", lw=0.8, ls="--")
         row[0].set_xlabel("time, x one training forward+backward")
-        row[0].set_title(f"{key}: time ({table['threads']} thread(s))", fontsize=9)
-        peaks = [table["methods"][m]["peak_rss_mib"] for m in names]
+        row[0].set_title(time_title, fontsize=9)
         if all(p is not None for p in peaks):
-            row[1].barh([LABELS[m] for m in names], peaks, color="tab:orange")
+            row[1].barh(labels, peaks, color=colors or "tab:orange")
             row[1].set_xlabel("peak RSS of a fresh process, MiB (model included)")
-            row[1].set_title(f"{key}: memory", fontsize=9)
-            row[1].set_yticklabels([])
-        for ax in row:
-            ax.invert_yaxis()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-
-
-def plot_bergson(bench: dict, out: Path) -> None:
-    """gradalign beside bergson: time (x training step) and peak RSS per run (model, threads)."""
-    from matplotlib.figure import Figure
-
-    runs = bench["runs"]
-    fig = Figure(figsize=(10, 2.6 * len(runs)))
-    axes = fig.subplots(len(runs), 2, squeeze=False)
-    for row, run in zip(axes, runs, strict=True):
-        methods = run["methods"]
-        names = [m for m in methods if m != "train"]
-        colors = ["tab:blue" if m.startswith("gradalign") else "tab:grey" for m in names]
-        labels = [m.replace(":", " ") + "x" + m.partition(":")[2] for m in names]
-        row[0].barh(labels, [methods[m]["x_train"] for m in names], color=colors)
-        row[0].axvline(1.0, color="grey", lw=0.8, ls="--")
-        row[0].set_xlabel("time, x one training forward+backward")
-        title = f"{run['title']}, {run['threads']} thread(s)"
-        row[0].set_title(f"{title}: time", fontsize=9)
-        peaks = [methods[m]["peak_rss_mib"] for m in names]
-        if all(p is not None for p in peaks):
-            row[1].barh(labels, peaks, color=colors)
-            row[1].set_xlabel("peak RSS of a fresh process, MiB (model included)")
-            row[1].set_title(f"{title}: memory", fontsize=9)
+            row[1].set_title(memory_title, fontsize=9)
             row[1].set_yticklabels([])
         else:
             row[1].set_axis_off()
@@ -78,6 +52,45 @@ def plot_bergson(bench: dict, out: Path) -> None:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+
+
+def plot(bench: dict, out: Path) -> None:
+    """Every extractor of ``bench_extractors.py --json``, one row per model."""
+    panels: list[Panel] = []
+    for key, table in bench["models"].items():
+        methods = table["methods"]
+        names = [m for m in LABELS if m in methods]
+        panels.append(
+            (
+                f"{key}: time ({table['threads']} thread(s))",
+                f"{key}: memory",
+                [LABELS[m] for m in names],
+                [methods[m]["x_train"] for m in names],
+                [methods[m]["peak_rss_mib"] for m in names],
+                None,
+            )
+        )
+    draw(panels, out, 3.2)
+
+
+def plot_bergson(bench: dict, out: Path) -> None:
+    """gradalign beside bergson (``bench_bergson.py --json``), one row per model and threads."""
+    panels: list[Panel] = []
+    for run in bench["runs"]:
+        methods = run["methods"]
+        names = [m for m in methods if m != "train"]
+        title = f"{run['title']}, {run['threads']} thread(s)"
+        panels.append(
+            (
+                f"{title}: time",
+                f"{title}: memory",
+                [methods[m]["label"] for m in names],
+                [methods[m]["x_train"] for m in names],
+                [methods[m]["peak_rss_mib"] for m in names],
+                ["tab:blue" if m.startswith("gradalign") else "tab:grey" for m in names],
+            )
+        )
+    draw(panels, out, 2.6)
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ def test_quick_without_bergson(tmp_path: Path) -> None:
     methods = bench["runs"][0]["methods"]
     assert sorted(methods) == ["gradalign:16", "train"]
     assert methods["train"]["x_train"] == 1.0
+    assert methods["gradalign:16"]["label"] == "gradalign 16x16"
     assert abs(methods["gradalign:16"]["x_train"] - float(ratio)) < 0.006
     assert abs(methods["gradalign:16"]["corr_mean"] - float(corr)) < 0.0006
     png = tmp_path / "bergson.png"

@@ -216,8 +216,8 @@ def test_select_rows_keeps_left_padded_responses() -> None:
 
 
 def test_target_logprob_matches_log_softmax_values_and_gradients() -> None:
-    """The one-pass log-prob of the target token against log_softmax + gather (float64
-    gradcheck too), with very negative and -inf logits, through one and several chunks."""
+    """The one-pass log-prob of the target token against log_softmax + gather, values and
+    gradients, with very negative and -inf logits; and a float64 gradcheck."""
     from gradalign._forward import _TargetLogProb
 
     g = torch.Generator().manual_seed(0)
@@ -248,8 +248,9 @@ def test_target_logprob_matches_log_softmax_values_and_gradients() -> None:
 def test_chunked_head_gradient_matches_autograd_through_log_softmax(
     qwen: nn.Module, elements: int
 ) -> None:
-    """Gradients of the summed response log-probs w.r.t. the hidden states' producer (every
-    parameter) equal autograd through the model's own logits and log_softmax."""
+    """Gradients of the summed response log-probs w.r.t. every parameter, with the output head in
+    one chunk or in checkpointed one-row chunks, equal autograd through the model's own logits
+    and log_softmax."""
     ro = make_rollouts(vocab=qwen.config.vocab_size, groups=GROUPS, rewards=REWARDS, seed=3)
     params = [p for p in qwen.parameters() if p.requires_grad]
     lp = response_logprobs(
