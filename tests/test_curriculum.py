@@ -283,7 +283,11 @@ def test_load_state_dict_errors_leave_the_curriculum_unchanged() -> None:
         ({**state, "chunk_size": 2}, r"state has chunk_size=2, expected 4"),
         ({**state, "seed": 5}, r"state has seed=5, expected 1"),
         ({k: v for k, v in state.items() if k != "offset"}, r"state lacks keys \['offset'\]"),
-        ({**state, "round": 4}, r"round=4, pass_index=0, offset=4 do not fit"),
+        (
+            {**state, "round": 4, "chunk_rounds": [0, 1, 2, 3, 4]},
+            r"round=4, pass_index=0, offset=4 and 5 drawn chunks do not fit",
+        ),
+        ({**state, "round": 4}, r"chunk_rounds must list the round of every drawn chunk"),
         ({**state, "records": [{**state["records"][0], "round": 3}]}, r"record rounds must rise"),
         (
             {**state, "records": [{**state["records"][0], "seen": [8]}]},

@@ -358,7 +358,9 @@ def test_missing_signal_messages():
 
 def test_drop_zero_variance_missing_both():
     c = table(reward_std=True, accuracy=True)
-    with pytest.raises(GradAlignError, match=r"reward_std and candidates\.accuracy are both None"):
+    with pytest.raises(
+        GradAlignError, match=r"candidates\.zero_spread, reward_std and accuracy are all None"
+    ):
         DropZeroVariance()(c)
 
 

@@ -28,9 +28,10 @@ from gradalign.extractors import (
 from gradalign.objective import GRPOObjective, Objective, TokenWeightObjective
 from gradalign.preconditioning import AdamPreconditioner
 from gradalign.rollouts import Rollouts
+from gradalign.rounds import Informative, Round, fill_round
 from gradalign.sampler import SelectionSampler
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
-from gradalign.selector import Alignment, GradAlign, Selection
+from gradalign.selector import Alignment, GradAlign, Selection, Targets
 from gradalign.store import GradientStore
 from gradalign.token_weights import BatchStats, TokenWeights
 
@@ -51,20 +52,24 @@ __all__ = [
     "GradientExtractor",
     "GradientStore",
     "GroupGradients",
+    "Informative",
     "LoRAGradient",
     "Objective",
     "ProblemStats",
     "RandomProjectedGradient",
     "Rollouts",
+    "Round",
     "ScoreBreakdown",
     "Selection",
     "SelectionSampler",
+    "Targets",
     "TokenWeightObjective",
     "TokenWeights",
     "__version__",
     "aggregate_tasks",
     "build_target",
     "cosine",
+    "fill_round",
     "inner_product",
     "policies",
     "response_logprobs",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradalign.errors import GradAlignError
+from gradalign.stats import group_stats
 
 if TYPE_CHECKING:
     from gradalign.rollouts import Rollouts
@@ -27,6 +28,7 @@ _FIELDS: dict[str, tuple[torch.dtype, int]] = {
     "scores": (torch.float32, 1),
     "accuracy": (torch.float32, 1),
     "reward_std": (torch.float32, 1),
+    "zero_spread": (torch.bool, 1),
     "zero_gradient": (torch.bool, 1),
     "task_scores": (torch.float32, 2),
     "grads": (torch.float32, 2),
@@ -85,6 +87,9 @@ class Candidates:
         scores: (G,) float32 alignment scores (aggregated over targets).
         accuracy: (G,) float32 pass rate, the mean reward of the group.
         reward_std: (G,) float32 population std of the group's rewards (0 = zero-spread group).
+        zero_spread: (G,) bool, True where the group's rewards have no spread by the rule of
+            [`gradalign.stats.zero_spread`][gradalign.stats.zero_spread] (with the objective's tolerance when the
+            table comes from [`GradAlign.score`][gradalign.selector.GradAlign.score]).
         zero_gradient: (G,) bool, True where the group gradient had zero norm (score defined 0).
         task_scores: (G, Q) float32 per-validation-task scores.
         grads: (G, D) float32 (projected) group gradients.
@@ -106,6 +111,7 @@ class Candidates:
     scores: torch.Tensor | None = None
     accuracy: torch.Tensor | None = None
     reward_std: torch.Tensor | None = None
+    zero_spread: torch.Tensor | None = None
     zero_gradient: torch.Tensor | None = None
     task_scores: torch.Tensor | None = None
     grads: torch.Tensor | None = None
@@ -130,6 +136,7 @@ class Candidates:
         task_scores: torch.Tensor | None = None,
         grads: torch.Tensor | None = None,
         zero_gradient: torch.Tensor | None = None,
+        zero_spread_tol: float = 0.0,
     ) -> Candidates:
         """One row per group of ``rollouts``; accuracy and reward spread come from its rewards.
 
@@ -139,6 +146,7 @@ class Candidates:
             task_scores: (G, Q) per-task scores.
             grads: (G, D) group gradients.
             zero_gradient: (G,) bool zero-norm flags.
+            zero_spread_tol: the tolerance of the zero-spread rule (use the objective's).
 
         Returns:
             Candidates with ids = sorted unique group ids, accuracy = mean reward per group (the
@@ -153,17 +161,63 @@ class Candidates:
                 f"Candidates.from_rollouts: rewards must be NaN-free with the shape of group_ids "
                 f"{tuple(gids.shape)}, got {tuple(rewards.shape)}"
             )
-        from gradalign.rollouts import group_stats
-
         st = group_stats(gids, rewards)
         return cls(
             ids=st.ids,
             scores=scores,
             accuracy=st.mean.float() if bool(((rewards >= 0) & (rewards <= 1)).all()) else None,
             reward_std=st.std.float(),
+            zero_spread=st.zero_spread(zero_spread_tol),
             zero_gradient=zero_gradient,
             task_scores=task_scores,
             grads=grads,
+        )
+
+    @classmethod
+    def concat(cls, tables: Sequence[Candidates]) -> Candidates:
+        """The rows of several tables as one (ids must not repeat); a field is kept when every
+        table has it.
+
+        Examples:
+            >>> a = Candidates(ids=torch.tensor([3, 1]), scores=torch.tensor([0.5, -0.1]))
+            >>> b = Candidates(ids=torch.tensor([7]), scores=torch.tensor([0.2]))
+            >>> both = Candidates.concat([a, b])
+            >>> both.ids, both.scores
+            (tensor([3, 1, 7]), tensor([ 0.5000, -0.1000,  0.2000]))
+        """
+        if not tables or not all(isinstance(t, Candidates) for t in tables):
+            raise GradAlignError(
+                f"Candidates.concat: tables must be a non-empty list of Candidates, got {tables!r}"
+            )
+        values: dict[str, Any] = {"ids": torch.cat([t.ids for t in tables])}
+        for name in _FIELDS:
+            parts = [getattr(t, name) for t in tables]
+            if all(p is not None for p in parts):
+                if len({p.shape[1:] for p in parts}) > 1:
+                    raise GradAlignError(
+                        f"Candidates.concat: {name} has shapes {[tuple(p.shape) for p in parts]}; "
+                        "the tables must have the same number of columns"
+                    )
+                values[name] = torch.cat(parts)
+        return cls(**values)
+
+    def has_spread(self, call: str = "Candidates.has_spread") -> torch.Tensor:
+        """(G,) bool, True where a group has reward spread: not ``zero_spread`` when set, else
+        ``reward_std > 0``, else a pass rate strictly between 0 and 1 (the same rule at tolerance 0
+        for binary rewards).
+
+        Raises:
+            GradAlignError: none of ``zero_spread``, ``reward_std``, ``accuracy`` is set.
+        """
+        if self.zero_spread is not None:
+            return ~self.zero_spread
+        if self.reward_std is not None:
+            return self.reward_std > 0
+        if self.accuracy is not None:
+            return (self.accuracy != 0) & (self.accuracy != 1)
+        raise GradAlignError(
+            f"{call}: candidates.zero_spread, reward_std and accuracy are all None; build "
+            "candidates with Candidates.from_rollouts(rollouts) or pass zero_spread=/reward_std=..."
         )
 
     def __len__(self) -> int:

@@ -25,9 +25,9 @@ from gradalign.sampler import SelectionSampler, SelectionSource  # re-exported: 
 
 __all__ = ["Curriculum", "HasIds", "ProblemStats", "SelectionSampler", "SelectionSource"]
 
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2
 _ARG_KEYS = ("format", "pool_size", "chunk_size", "seed")
-_STATE_KEYS = (*_ARG_KEYS, "round", "pass_index", "offset", "records")
+_STATE_KEYS = (*_ARG_KEYS, "round", "pass_index", "offset", "records", "chunk_rounds")
 
 
 def _values(where: str, name: str, value: Any, n: int) -> torch.Tensor:
@@ -120,6 +120,7 @@ class Curriculum:
         self.seed = _check_int("Curriculum", "seed", seed)
         self._round, self._pass = -1, 0
         self._offset = 0  # start of the next chunk in this pass's permutation
+        self._chunk_rounds: list[int] = []  # the round of every chunk drawn, in draw order
         self._perm: tuple[int, torch.Tensor] | None = None  # (pass, permutation) cache
         # The one source of truth: a plain-Python entry per recorded round or observation. Every
         # table (counts, latest values, histories) is derived from it by _tables().
@@ -155,8 +156,8 @@ class Curriculum:
     def _records(self) -> list[dict[str, Any]]:
         return [e for e in self._log if _is_record(e)]
 
-    def next_chunk(self) -> torch.Tensor:
-        """Start the next round and return its candidates: (<= M,) int64 problem ids."""
+    def _draw(self) -> torch.Tensor:
+        """The next chunk of the pass order (a new pass when this one is used up)."""
         if self._offset >= self.pool_size:
             self._pass, self._offset = self._pass + 1, 0
         if self._perm is None or self._perm[0] != self._pass:
@@ -164,8 +165,59 @@ class Curriculum:
             self._perm = (self._pass, perm)
         chunk = self._perm[1][self._offset : self._offset + self.chunk_size].clone()  # (<= M,)
         self._offset += chunk.numel()
-        self._round += 1
         return chunk
+
+    def next_chunk(self) -> torch.Tensor:
+        """Start the next round and return its candidates: (<= M,) int64 problem ids."""
+        chunk = self._draw()
+        self._round += 1
+        self._chunk_rounds.append(self._round)
+        return chunk
+
+    def extra_chunk(self) -> torch.Tensor:
+        """Draw the next chunk into the current round (no new round): (<= M,) int64 problem ids.
+
+        For rounds that need more candidates than one chunk gives, e.g. until enough of them carry
+        a learning signal ([`fill_round`][gradalign.rounds.fill_round]). The chunk continues the pass order, so
+        later rounds start after it; it is kept in [`drawn_chunks`][gradalign.curriculum.Curriculum.drawn_chunks] and in the state.
+
+        Raises:
+            GradAlignError: no round has started, or the current round is already recorded.
+        """
+        where = "Curriculum.extra_chunk"
+        if self._round < 0:
+            raise GradAlignError(f"{where}: no round has started; call next_chunk() first")
+        records = self._records()
+        if records and records[-1]["round"] == self._round:
+            raise GradAlignError(
+                f"{where}: round {self._round} is already recorded; call next_chunk() to start "
+                "the next round"
+            )
+        chunk = self._draw()
+        self._chunk_rounds.append(self._round)
+        return chunk
+
+    def drawn_chunks(self, round: int | None = None) -> list[torch.Tensor]:
+        """The chunks drawn so far, in draw order, or only those of one ``round``.
+
+        Examples:
+            >>> cur = Curriculum(pool_size=6, chunk_size=2, seed=0)
+            >>> first, extra = cur.next_chunk(), cur.extra_chunk()
+            >>> [c.tolist() for c in cur.drawn_chunks(0)] == [first.tolist(), extra.tolist()]
+            True
+        """
+        replay = Curriculum(*self._args())
+        chunks = [replay._draw() for _ in self._chunk_rounds]
+        if round is None:
+            return chunks
+        return [c for c, r in zip(chunks, self._chunk_rounds, strict=True) if r == round]
+
+    def chunks_per_round(self) -> list[int]:
+        """How many chunks each round drew (1 + its extra chunks), rounds 0 .. ``round``."""
+        counts = [0] * (self._round + 1)
+        for r in self._chunk_rounds:
+            counts[r] += 1
+        return counts
 
     def record(
         self,
@@ -359,7 +411,8 @@ class Curriculum:
 
     def state_dict(self) -> dict[str, Any]:
         """Position and history as plain Python (ints, floats, lists): ``torch.save``/JSON-able."""
-        position = (self._round, self._pass, self._offset, [_copy_entry(e) for e in self._log])
+        log = [_copy_entry(e) for e in self._log]
+        position = (self._round, self._pass, self._offset, log, list(self._chunk_rounds))
         return dict(zip(_STATE_KEYS, (_STATE_FORMAT, *self._args(), *position), strict=True))
 
     def _args(self) -> tuple[int, int, int]:
@@ -373,6 +426,17 @@ class Curriculum:
                 inconsistent. On error this curriculum is left unchanged.
         """
         where = "Curriculum.load_state_dict"
+        if not isinstance(state, dict):
+            raise GradAlignError(
+                f"{where}: state must be a dict from Curriculum.state_dict(), got "
+                f"{type(state).__name__}"
+            )
+        state = dict(state)
+        if state.get("format") == 1 and "chunk_rounds" not in state:
+            # Format 1 had one chunk per round.
+            rnd = state.get("round")
+            state["chunk_rounds"] = list(range(rnd + 1)) if isinstance(rnd, int) else None
+            state["format"] = _STATE_FORMAT
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise GradAlignError(f"{where}: state lacks keys {missing}")
@@ -384,11 +448,26 @@ class Curriculum:
         fresh._round = _check_int(where, "round", state["round"], minimum=-1)
         fresh._pass = _check_int(where, "pass_index", state["pass_index"], minimum=0)
         fresh._offset = _check_int(where, "offset", state["offset"], minimum=0)
+        chunk_rounds = state["chunk_rounds"]
+        ok = isinstance(chunk_rounds, list) and all(
+            isinstance(r, int) and not isinstance(r, bool) for r in chunk_rounds
+        )
+        if (
+            not ok
+            or sorted(set(chunk_rounds)) != list(range(fresh._round + 1))
+            or (chunk_rounds != sorted(chunk_rounds))
+        ):
+            raise GradAlignError(
+                f"{where}: chunk_rounds must list the round of every drawn chunk, rising from 0 "
+                f"to round={fresh._round}, got {chunk_rounds if ok else type(chunk_rounds)}"
+            )
+        fresh._chunk_rounds = list(chunk_rounds)
         drawn = fresh._pass * self.chunks_per_pass - (-fresh._offset // self.chunk_size)
-        if fresh._offset > self.pool_size or drawn != fresh._round + 1:
+        if fresh._offset > self.pool_size or drawn != len(chunk_rounds):
             raise GradAlignError(
                 f"{where}: round={fresh._round}, pass_index={fresh._pass}, offset={fresh._offset} "
-                f"do not fit pool_size={self.pool_size}, chunk_size={self.chunk_size}"
+                f"and {len(chunk_rounds)} drawn chunks do not fit pool_size={self.pool_size}, "
+                f"chunk_size={self.chunk_size}"
             )
         records = state["records"]
         if not isinstance(records, (list, tuple)):

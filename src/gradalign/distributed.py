@@ -436,16 +436,21 @@ class DistributedGradAlign:
         self,
         model: nn.Module,
         candidates: Rollouts | None,
-        validation: Rollouts | None,
+        validation: Any,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
     ) -> Alignment:
         """Every rank's candidates against the shared targets, gathered and sorted by id."""
-        from gradalign.selector import CandidateRows, warn_shared_ids
+        from gradalign.selector import CandidateRows, Targets, warn_shared_ids
 
         warn_shared_ids(candidates, validation)
-        target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
+        if isinstance(validation, Targets):
+            target, labels = self.selector.resolve_targets(
+                model, validation, tasks=tasks, progress=progress
+            )
+        else:
+            target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
         stats = self._stats(candidates, "candidate")
         local = None
         if candidates is not None:
@@ -468,7 +473,7 @@ class DistributedGradAlign:
         self,
         model: nn.Module,
         candidates: Rollouts | None,
-        validation: Rollouts | None,
+        validation: Any,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -482,7 +487,7 @@ class DistributedGradAlign:
         self,
         model: nn.Module,
         candidates: Rollouts | None,
-        validation: Rollouts | None,
+        validation: Any,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,

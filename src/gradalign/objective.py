@@ -24,6 +24,7 @@ import torch
 
 from gradalign.errors import GradAlignError
 from gradalign.rollouts import Rollouts
+from gradalign.stats import group_stats
 from gradalign.token_weights import BatchStats, TokenWeights
 
 __all__ = [
@@ -52,11 +53,6 @@ def _divide(centred: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     With ``eps=0`` a zero-spread group would otherwise give 0 / 0 = NaN.
     """
     return torch.where(scale > 0, centred / torch.where(scale > 0, scale, 1.0), 0.0)
-
-
-def _group_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
-    return out.index_add_(0, index, values)
 
 
 class Objective(ABC):
@@ -145,7 +141,9 @@ class GRPOObjective(Objective):
         kl_coef: coefficient of the k3 KL estimator against ``ref_logprobs`` (0 disables it).
         max_response_length: the constant length of "seq-mean-token-sum-norm"; None uses the longest
             response in the rollouts.
-        zero_spread_tol: a group whose rewards span at most this much counts as zero-spread.
+        zero_spread_tol: a group whose rewards span at most this much counts as zero-spread
+            (the rule of [`gradalign.stats.zero_spread`][gradalign.stats.zero_spread]): its advantages are set to 0, so
+            its gradient is zero and every stage flags it the same way.
 
     Examples:
         >>> obj = GRPOObjective(scale_rewards="none", loss_agg="seq-mean-token-sum")
@@ -214,22 +212,23 @@ class GRPOObjective(Objective):
         With ``scale_rewards="batch"``, the scale is the reward std of ``stats`` (the whole
         batch) when given, else of ``rollouts``.
         """
-        r, idx, g = rollouts.rewards.float(), rollouts.group_index, rollouts.num_groups
-        count = rollouts.group_sizes().to(r.dtype)
-        mean = rollouts.group_mean_rewards()  # (G,)
-        centred = r - mean[idx]  # (S,)
+        st = group_stats(rollouts.group_ids, rollouts.rewards)  # float64, overflow-free
+        centred = rollouts.rewards.double() - st.mean[st.index]  # (S,)
+        # The one zero-spread rule: a group it flags gets exactly zero advantages (with a tolerance
+        # too), so its gradient is zero wherever it is flagged.
+        centred = torch.where(st.zero_spread(self.zero_spread_tol)[st.index], 0.0, centred)
         if self.scale_rewards == "none":
-            return centred
+            return centred.float()
         if self.scale_rewards == "batch":
             std = (stats or BatchStats.of(rollouts)).reward_std
-            return _divide(centred, torch.full_like(centred, std + self.eps))
+            return _divide(centred, torch.full_like(centred, std + self.eps)).float()
         # Unbiased std like the common trainers; a single-rollout group has no spread.
-        var = _group_sum(centred**2, idx, g) / (count - 1).clamp_min(1)  # (G,)
-        return _divide(centred, var.sqrt()[idx] + self.eps)
+        return _divide(centred, st.unbiased_std()[st.index] + self.eps).float()
 
     def zero_spread(self, rollouts: Rollouts) -> torch.Tensor:
-        """(G,) bool, True for groups whose rewards have no spread (their GRPO gradient is zero)."""
-        return rollouts.group_reward_spread() <= self.zero_spread_tol
+        """(G,) bool, True for groups without reward spread (their GRPO gradient is zero): the
+        rule of [`gradalign.stats.zero_spread`][gradalign.stats.zero_spread] with ``zero_spread_tol``."""
+        return rollouts.zero_spread(self.zero_spread_tol)
 
     def aggregation(self, rollouts: Rollouts, stats: BatchStats | None = None) -> torch.Tensor:
         """(S, T) token aggregation factors: each group's loss is ``sum_{s,t} agg * loss[s, t]``.

@@ -396,9 +396,10 @@ class Threshold(Policy):
 class DropZeroVariance(Policy):
     """Drop groups whose rewards have no spread; keep the rest in the candidates' order.
 
-    Keeps ``reward_std > 0`` when ``reward_std`` is set, else ``accuracy not in {0, 1}`` (exact for
-    binary rewards). Only reward spread counts: ``zero_gradient`` is not consulted, so a group with
-    spread but a zero gradient stays (it scores 0; rank it away). Empty pool -> empty.
+    The rule is [`Candidates.has_spread`][gradalign.candidates.Candidates.has_spread]: the table's ``zero_spread`` flags
+    (set by ``Candidates.from_rollouts`` and ``GradAlign.score`` with the objective's tolerance),
+    else ``reward_std > 0``, else ``accuracy not in {0, 1}``. ``zero_gradient`` is not consulted, so
+    a group with spread but a zero gradient stays (it scores 0; rank it away). Empty pool -> empty.
 
     Examples:
         >>> import torch
@@ -411,14 +412,7 @@ class DropZeroVariance(Policy):
     """
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
-        if candidates.reward_std is not None:
-            return candidates.ids[candidates.reward_std > 0]
-        if candidates.accuracy is not None:
-            return candidates.ids[(candidates.accuracy != 0) & (candidates.accuracy != 1)]
-        raise GradAlignError(
-            "DropZeroVariance: candidates.reward_std and candidates.accuracy are both None; build "
-            "candidates with Candidates.from_rollouts(rollouts) or pass reward_std=/accuracy=..."
-        )
+        return candidates.ids[candidates.has_spread("DropZeroVariance")]
 
 
 # Sampling -----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gradalign.errors import GradAlignError
+from gradalign.stats import GroupStats, group_stats
 
 __all__ = ["GroupStats", "Rollouts", "group_stats", "micro_batch_width"]
 
@@ -36,43 +37,6 @@ def micro_batch_width(attention_mask: torch.Tensor) -> int:
     """Columns a micro-batch needs: up to its last attended token, whatever the padding side."""
     attended = attention_mask.bool().any(0).nonzero()
     return int(attended.max().item()) + 1 if attended.numel() else 1
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    """Per-group reward statistics, the one place pass rates are computed.
-
-    Attributes:
-        ids: (G,) int64 group ids, ascending.
-        counts: (G,) int64 rollouts per group.
-        mean: (G,) float64 mean reward (the pass rate for binary rewards).
-        std: (G,) float64 population std of the rewards; exactly 0 for a constant group.
-        index: (S,) int64 group of each row (positions into ``ids``).
-    """
-
-    ids: torch.Tensor
-    counts: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    index: torch.Tensor
-
-
-def group_stats(group_ids: torch.Tensor, rewards: torch.Tensor) -> GroupStats:
-    """Reward statistics of each group; float64 two-pass, so a constant group's std is exactly 0.
-
-    Examples:
-        >>> st = group_stats(torch.tensor([4, 4, 1]), torch.tensor([1.0, 0.0, 1.0]))
-        >>> st.ids.tolist(), st.mean.tolist(), st.std.tolist()
-        ([1, 4], [1.0, 0.5], [0.0, 0.5])
-    """
-    ids, index, counts = torch.unique(
-        group_ids, sorted=True, return_inverse=True, return_counts=True
-    )
-    r = rewards.detach().to(torch.float64)
-    mean = torch.zeros(len(ids), dtype=torch.float64, device=r.device).index_add_(0, index, r)
-    mean = mean / counts
-    sq = torch.zeros_like(mean).index_add_(0, index, (r - mean[index]) ** 2)  # (G,)
-    return GroupStats(ids, counts, mean, (sq / counts).sqrt(), index)
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,15 +240,19 @@ class Rollouts:
         return group_stats(self.group_ids, self.rewards).mean.float()
 
     def group_reward_spread(self) -> torch.Tensor:
-        """(G,) max minus min reward of each group; 0 marks a zero-spread group (no learning signal)."""
-        g = self.num_groups
-        hi = torch.full((g,), -torch.inf, device=self.device).scatter_reduce(
-            0, self.group_index, self.rewards, "amax"
-        )
-        lo = torch.full((g,), torch.inf, device=self.device).scatter_reduce(
-            0, self.group_index, self.rewards, "amin"
-        )
-        return hi - lo
+        """(G,) float32 max minus min reward of each group; 0 marks a zero-spread group (no learning signal)."""
+        return group_stats(self.group_ids, self.rewards).spread.float()
+
+    def zero_spread(self, tol: float = 0.0) -> torch.Tensor:
+        """(G,) bool, True for groups without reward spread: the one rule of [`gradalign.stats.zero_spread`][gradalign.stats.zero_spread].
+
+        Examples:
+            >>> ro = Rollouts.from_token_ids([[5], [5], [6], [6]], [[7], [8], [7], [8]],
+            ...                              [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+            >>> ro.zero_spread()
+            tensor([False,  True])
+        """
+        return group_stats(self.group_ids, self.rewards).zero_spread(tol).to(self.device)
 
     def select_groups(self, ids: torch.Tensor | Sequence[int]) -> Rollouts:
         """The rollouts of the given group ids (rows keep their original order)."""
@@ -323,6 +291,73 @@ class Rollouts:
     def _last_response_col(self, rows: torch.Tensor) -> int:
         cols = torch.arange(self.input_ids.shape[1], device=self.device)
         return int((self.response_mask[rows] * cols).max().item()) if rows.numel() else 0
+
+    @classmethod
+    def concat(cls, parts: Sequence[Rollouts]) -> Rollouts:
+        """The rollouts of several batches as one; narrower batches are padded on the right.
+
+        Group ids must not repeat across parts (one group is one problem's rollouts, sampled
+        together). Every part carries ``old_logprobs`` (and ``ref_logprobs``) or none does.
+
+        Args:
+            parts: one or more [`Rollouts`][gradalign.rollouts.Rollouts] on the same device.
+
+        Raises:
+            GradAlignError: no parts, a part that is not Rollouts, a group id in two parts, or
+                log-probs on some parts only.
+
+        Examples:
+            >>> a = Rollouts.from_token_ids([[5], [5]], [[7], [8, 9]], [1.0, 0.0], [0, 0])
+            >>> b = Rollouts.from_token_ids([[6]], [[7]], [1.0], [3])
+            >>> both = Rollouts.concat([a, b])
+            >>> both.input_ids.shape, both.unique_groups.tolist()
+            (torch.Size([3, 3]), [0, 3])
+        """
+        call = "Rollouts.concat"
+        parts = list(parts) if isinstance(parts, (list, tuple)) else parts
+        if not isinstance(parts, list) or not parts:
+            raise GradAlignError(
+                f"{call}: parts must be a non-empty list of Rollouts, got {parts!r}"
+            )
+        bad = [type(p).__name__ for p in parts if not isinstance(p, Rollouts)]
+        if bad:
+            raise GradAlignError(f"{call}: every part must be Rollouts, got {bad[:3]}")
+        seen: set[int] = set()
+        for i, p in enumerate(parts):
+            shared = seen & set(p.unique_groups.tolist())
+            if shared:
+                raise GradAlignError(
+                    f"{call}: group ids {sorted(shared)[:10]} appear in part {i} and an earlier "
+                    "part; a group's rollouts must come from one part"
+                )
+            seen |= set(p.unique_groups.tolist())
+        width = max(p.input_ids.shape[1] for p in parts)
+
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            present = [v is not None for v in values]
+            if not any(present):
+                return None
+            if not all(present):
+                raise GradAlignError(
+                    f"{call}: {name} is set on parts {[i for i, x in enumerate(present) if x]} "
+                    "but not on the others; give it to every part or to none"
+                )
+            padded = [
+                torch.nn.functional.pad(v, (0, width - v.shape[1])) if v.dim() == 2 else v
+                for v in values
+            ]
+            return torch.cat(padded)
+
+        return cls(
+            input_ids=cat("input_ids"),  # type: ignore[arg-type]
+            attention_mask=cat("attention_mask"),  # type: ignore[arg-type]
+            response_mask=cat("response_mask"),  # type: ignore[arg-type]
+            rewards=cat("rewards"),  # type: ignore[arg-type]
+            group_ids=cat("group_ids"),  # type: ignore[arg-type]
+            old_logprobs=cat("old_logprobs"),
+            ref_logprobs=cat("ref_logprobs"),
+        )
 
     def to(self, device: torch.device | str) -> Rollouts:
         """A copy on ``device``."""

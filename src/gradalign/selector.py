@@ -15,7 +15,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -40,7 +40,24 @@ from gradalign.scoring import (
     unit_target_product,
 )
 
-__all__ = ["SCORERS", "Alignment", "CandidateRows", "GradAlign", "Selection"]
+__all__ = ["SCORERS", "Alignment", "CandidateRows", "GradAlign", "Selection", "Targets"]
+
+
+class Targets(NamedTuple):
+    """The target directions of one round, from [`GradAlign.targets`][gradalign.selector.GradAlign.targets].
+
+    Pass them where validation rollouts go (``select(model, candidates, targets)``) to score
+    several batches of candidates against the same targets without recomputing the validation
+    gradients, e.g. each chunk that [`fill_round`][gradalign.rounds.fill_round] draws. They belong to the model
+    they were computed on: recompute them after a training step.
+
+    Attributes:
+        directions: (Q, D) float32 target gradients, one row per validation task.
+        labels: the task label of each row.
+    """
+
+    directions: torch.Tensor
+    labels: tuple[Any, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -373,6 +390,7 @@ class GradAlign:
         return dataclasses.replace(
             table,
             scores=al.scores(self.scorer),
+            zero_spread=al.zero_spread,
             zero_gradient=al.zero_gradient,
             task_scores=per_task,
             grads=al.grads,
@@ -388,20 +406,49 @@ class GradAlign:
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
-    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
-        """(Q, D) target directions from the validation rollouts, and their task labels."""
+    ) -> Targets:
+        """(Q, D) target directions from the validation rollouts, and their task labels.
+
+        Returns:
+            [`Targets`][gradalign.selector.Targets] ``(directions, labels)``: pass them in place of the
+            validation rollouts to score more candidates against the same targets.
+        """
         if (driver := self.driver()) is not None:
-            return driver.targets(model, validation, tasks=tasks, progress=progress)
+            return Targets(*driver.targets(model, validation, tasks=tasks, progress=progress))
         check_tasks(tasks, validation)
         acc = self.target_state(model, validation, tasks=tasks, progress=progress)
-        return self.check_targets(acc.result(), tuple(acc.labels or (0,)), tasks)
+        return Targets(*self.check_targets(acc.result(), tuple(acc.labels or (0,)), tasks))
+
+    def resolve_targets(
+        self,
+        model: nn.Module,
+        validation: Rollouts | Targets,
+        *,
+        tasks: Mapping[int, Any] | None,
+        progress: bool,
+    ) -> Targets:
+        """``validation`` itself when it is [`Targets`][gradalign.selector.Targets], else the targets computed from it."""
+        if isinstance(validation, Targets):
+            directions = validation.directions
+            if not isinstance(directions, torch.Tensor) or directions.dim() != 2:
+                raise GradAlignError(
+                    "GradAlign.alignment: Targets.directions must be a (Q, D) tensor, got "
+                    f"{type(directions).__name__} {tuple(getattr(directions, 'shape', ()))}"
+                )
+            if len(validation.labels) != directions.shape[0]:
+                raise GradAlignError(
+                    f"GradAlign.alignment: Targets has {directions.shape[0]} directions but "
+                    f"{len(validation.labels)} labels"
+                )
+            return validation
+        return self.targets(model, validation, tasks=tasks, progress=progress)
 
     @api_call("GradAlign.alignment")
     def alignment(
         self,
         model: nn.Module,
         candidates: Rollouts,
-        validation: Rollouts,
+        validation: Rollouts | Targets,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -412,14 +459,15 @@ class GradAlign:
             model: the current policy.
             candidates: rollouts of the candidate problems (one group per problem); with several
                 processes, this rank's shard (None for none).
-            validation: rollouts of the trusted validation problems (this rank's shard, likewise).
+            validation: rollouts of the trusted validation problems (this rank's shard, likewise),
+                or the [`Targets`][gradalign.selector.Targets] already computed from them this round.
             tasks: optional mapping validation group id -> task label (one target per task).
             progress: show progress bars.
         """
         if (driver := self.driver()) is not None:
             return driver.alignment(model, candidates, validation, tasks=tasks, progress=progress)
         warn_shared_ids(candidates, validation)
-        target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
+        target, labels = self.resolve_targets(model, validation, tasks=tasks, progress=progress)
         rows = self.candidate_rows(model, candidates, target, progress=progress)
         return self.make_alignment(rows, target, labels)
 
@@ -428,7 +476,7 @@ class GradAlign:
         self,
         model: nn.Module,
         candidates: Rollouts,
-        validation: Rollouts,
+        validation: Rollouts | Targets,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -444,7 +492,7 @@ class GradAlign:
         self,
         model: nn.Module,
         candidates: Rollouts,
-        validation: Rollouts,
+        validation: Rollouts | Targets,
         *,
         tasks: Mapping[int, Any] | None = None,
         progress: bool = False,
@@ -481,9 +529,9 @@ def check_tasks(tasks: Any, validation: Rollouts | None) -> None:
         )
 
 
-def warn_shared_ids(candidates: Rollouts | None, validation: Rollouts | None) -> None:
+def warn_shared_ids(candidates: Rollouts | None, validation: Any) -> None:
     """A UserWarning when a group id is both a candidate and a validation problem."""
-    if candidates is None or validation is None:
+    if candidates is None or not isinstance(validation, Rollouts):
         return
     cand = candidates.unique_groups
     shared = cand[torch.isin(cand, validation.unique_groups.to(cand.device))]
