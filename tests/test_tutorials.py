@@ -90,6 +90,25 @@ def test_grpo_loop_learns_the_format_reward() -> None:
     assert sum(rewards[-4:]) / 4 > rewards[0] + 0.25, out
 
 
+def test_grpo_loop_trains_on_what_was_scored() -> None:
+    out = _run("grpo_loop.py", "--scored")
+    rounds = re.findall(
+        r"step (\d+): selected \[([^\]]*)\] from (\d) chunk\(s\), (\d+) rollouts, "
+        r"shortfall (\d); mean reward ([0-9.]+)",
+        out,
+    )
+    skipped = re.findall(r"step \d+: no target, skipped", out)
+    assert len(rounds) + len(skipped) == 12 and len(rounds) >= 8, out
+    for _, ids, chunks, n_rollouts, shortfall, _ in rounds:
+        assert len(ids.split(",")) == 4  # k problems every round
+        assert 1 <= int(chunks) <= 3  # at most max_extra_chunks=2 extra chunks
+        # 8 rollouts of each drawn problem; chunks of 8 problems (never one problem twice)
+        assert int(n_rollouts) % 8 == 0 and 64 <= int(n_rollouts) <= 64 * int(chunks)
+        assert int(shortfall) == 0 or int(chunks) == 3  # short only after the limit
+    rewards = [float(r[-1]) for r in rounds]
+    assert sum(rewards[-4:]) / 4 > rewards[0] + 0.2, out
+
+
 @pytest.mark.parametrize("plot", [False, True])
 def test_choose_extractor(tmp_path: Path, plot: bool) -> None:
     png = tmp_path / "scatter.png"

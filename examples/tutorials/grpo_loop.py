@@ -1,13 +1,18 @@
 """GradAlign inside your GRPO loop, in plain PyTorch: rescore every few steps, train on the selection.
 
-Run: ``python examples/tutorials/grpo_loop.py`` (about half a minute on a CPU). A tiny random
-model learns a format reward (answer with a digit); the loop is the same for a real model.
+Run: ``python examples/tutorials/grpo_loop.py`` (about half a minute on a CPU) for select then
+resample, ``python examples/tutorials/grpo_loop.py --scored`` for rounds that fill until informative
+and train on what was scored. A tiny random model learns a format reward (answer with a digit); the
+loop is the same for a real model.
 """
+
+import functools
+import sys
 
 import torch
 
 import gradalign as ga
-from gradalign.policies import Chain, DropZeroVariance, TopFraction
+from gradalign.policies import Chain, DropZeroVariance, TopFraction, TopK
 from gradalign.testing import tiny_model, tiny_tokenizer
 
 torch.manual_seed(0)
@@ -47,31 +52,10 @@ def rollouts(prompts: list[str], ids: list[int]) -> ga.Rollouts:
 # --8<-- [end:rollouts]
 
 
-# --8<-- [start:loop]
-objective = ga.GRPOObjective()  # the same loss trains the model and defines the gradients
-selector = ga.GradAlign(
-    ga.FactorizedGradient(16, 16),
-    objective=objective,
-    policy=Chain(DropZeroVariance(), TopFraction(0.5)),  # best-aligned half of those with spread
-)
-curriculum = ga.Curriculum(pool_size=len(pool), chunk_size=16, seed=0)
-# endless: one iterator for the whole run that switches to each new selection at its next block
-sampler = ga.SelectionSampler(
-    curriculum, num_generations=1, batch_size=problems_per_step, endless=True
-)
-served = iter(sampler)
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-validation_ids = [-1 - i for i in range(len(trusted))]  # ids no pool problem uses
-
-for step in range(steps):
-    if step % rescore_every == 0:  # a selection round: score a fresh chunk with the current model
-        chunk = curriculum.next_chunk().tolist()
-        candidates = rollouts([pool[i] for i in chunk], chunk)
-        selection = selector.select(model, candidates, rollouts(trusted, validation_ids))
-        curriculum.record(selection)
-        print(f"step {step}: selected {selection.ids.tolist()}")
-    ids = [next(served) for _ in range(problems_per_step)]
-    batch = rollouts([pool[i] for i in ids], ids)
+def train_step(
+    batch: ga.Rollouts, objective: ga.GRPOObjective, optimizer: torch.optim.Optimizer
+) -> None:
+    """One GRPO step on ``batch`` (on-policy: the ratio is 1)."""
     model.train()
     weights = objective.token_weights(batch)  # (S, T) group-relative advantages per token
     logp = ga.response_logprobs(
@@ -82,5 +66,76 @@ for step in range(steps):
     loss.backward()
     optimizer.step()
     model.eval()
-    print(f"step {step}: mean reward {batch.rewards.mean().item():.2f}")
-# --8<-- [end:loop]
+
+
+def select_then_resample() -> None:
+    # --8<-- [start:loop]
+    objective = ga.GRPOObjective()  # the same loss trains the model and defines the gradients
+    selector = ga.GradAlign(
+        ga.FactorizedGradient(16, 16),
+        objective=objective,
+        policy=Chain(
+            DropZeroVariance(), TopFraction(0.5)
+        ),  # best-aligned half of those with spread
+    )
+    curriculum = ga.Curriculum(pool_size=len(pool), chunk_size=16, seed=0)
+    # endless: one iterator for the whole run that switches to each new selection at its next block
+    sampler = ga.SelectionSampler(
+        curriculum, num_generations=1, batch_size=problems_per_step, endless=True
+    )
+    served = iter(sampler)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    validation_ids = [-1 - i for i in range(len(trusted))]  # ids no pool problem uses
+
+    for step in range(steps):
+        if (
+            step % rescore_every == 0
+        ):  # a selection round: score a fresh chunk with the current model
+            chunk = curriculum.next_chunk().tolist()
+            candidates = rollouts([pool[i] for i in chunk], chunk)
+            selection = selector.select(model, candidates, rollouts(trusted, validation_ids))
+            curriculum.record(selection)
+            print(f"step {step}: selected {selection.ids.tolist()}")
+        ids = [next(served) for _ in range(problems_per_step)]
+        batch = rollouts([pool[i] for i in ids], ids)  # fresh rollouts of the selected problems
+        train_step(batch, objective, optimizer)
+        print(f"step {step}: mean reward {batch.rewards.mean().item():.2f}")
+    # --8<-- [end:loop]
+
+
+def train_on_what_was_scored() -> None:
+    # --8<-- [start:scored]
+    objective = ga.GRPOObjective()
+    selector = ga.GradAlign(ga.FactorizedGradient(16, 16), objective=objective)
+    curriculum = ga.Curriculum(pool_size=len(pool), chunk_size=8, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    validation_ids = [-1 - i for i in range(len(trusted))]
+
+    for step in range(steps):  # a selection round every step
+        try:  # the target: computed once per round, reused for every chunk the round draws
+            targets = selector.targets(model, rollouts(trusted, validation_ids))
+        except ga.GradAlignError:  # no validation group has reward spread: nothing to align to
+            print(f"step {step}: no target, skipped")
+            continue
+        rnd = ga.fill_round(
+            curriculum,
+            sample=lambda ids: rollouts([pool[i] for i in ids.tolist()], ids.tolist()),
+            score=functools.partial(selector.score, model, validation=targets),
+            policy=TopK(problems_per_step),
+            k=problems_per_step,
+            rule=ga.Informative(min_score=0.0),  # reward spread and a positive cosine
+            max_extra_chunks=2,  # at most 3 chunks per round
+        )
+        curriculum.record(rnd.selection)
+        batch = rnd.training_rollouts()  # the selected groups' own rollouts: no resampling
+        train_step(batch, objective, optimizer)
+        print(
+            f"step {step}: selected {rnd.ids.tolist()} from {rnd.num_chunks} chunk(s), "
+            f"{rnd.num_rollouts} rollouts, shortfall {rnd.shortfall}; "
+            f"mean reward {batch.rewards.mean().item():.2f}"
+        )
+    # --8<-- [end:scored]
+
+
+if __name__ == "__main__":
+    train_on_what_was_scored() if "--scored" in sys.argv[1:] else select_then_resample()
