@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-tiny test lint typecheck package pytest bench bench-bergson docs clean
+.PHONY: demo demo-tiny test test-portability lint typecheck package pytest bench bench-bergson docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ typecheck: $(VENV)/.dev-stamp
 
 # The suite builds the docs site too (tests/test_docs.py: mkdocs build --strict), so it needs [docs].
 pytest: $(VENV)/.verl-stamp $(VENV)/.docs-stamp
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not reproduce" $(PYTEST_ARGS)
 
 # The sdist and wheel build and their metadata renders on PyPI (twine check --strict).
 package: $(VENV)/.dev-stamp
@@ -57,6 +57,13 @@ package: $(VENV)/.dev-stamp
 	$(BIN)/twine check --strict dist/*
 
 test: lint typecheck package pytest
+
+# The suite again on another kernel path and thread count: the generic (non-AVX) CPU kernels of
+# ATen and one thread. Tests assert bit-identity only within one process with the same shapes
+# and threads; this run shows that nothing else depends on the machine's math library.
+test-portability: $(VENV)/.verl-stamp $(VENV)/.docs-stamp
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+		$(BIN)/python -m pytest -q -m "not slow and not reproduce" $(PYTEST_ARGS)
 
 $(VENV)/.docs-stamp: $(VENV)/.dev-stamp
 	$(PIP) install -q -c constraints.txt -e ".[docs]"

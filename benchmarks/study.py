@@ -526,8 +526,12 @@ def report(data: dict[str, Any], png_dir: Path | None = None) -> str:
         lines += ["", "Per seed, GradAlign minus each baseline (area under the curve):", ""]
         lines += ["| seed | " + " | ".join(r["baseline"] for r in rows) + " |"]
         lines += ["|---" * (len(rows) + 1) + "|"]
-        for i, s in enumerate(rows[0]["seeds"] if rows else []):
-            lines.append(f"| {s} | " + " | ".join(f"{r['area'][i]:+.4f}" for r in rows) + " |")
+        # Baselines may have finished different seeds (a study still running): one line per seed
+        # any of them has, a dash where one has not.
+        per_row = [dict(zip(r["seeds"], r["area"], strict=True)) for r in rows]
+        for s in sorted({seed for r in rows for seed in r["seeds"]}):
+            cells = (f"{d[s]:+.4f}" if s in d else "-" for d in per_row)
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines += ["", "| method | accuracy round 0 | final accuracy | area | rounds to reach "
                   "Random's final (not reached) | candidate rollouts | validation rollouts | "
                   "extra chunks per run | seconds per run |", "|---" * 9 + "|"]  # fmt: skip

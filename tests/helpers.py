@@ -1,10 +1,53 @@
-"""Test helpers: hand-made random rollouts."""
+"""Test helpers: hand-made random rollouts, and selections compared across processes."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 
-from gradalign import Rollouts
+from gradalign import Candidates, Rollouts
+
+# Scores computed in another process, at another thread count or with other batch shapes agree with
+# the reference to float rounding only (different kernels sum in different orders); bit-identity is
+# promised only within one process with the same shapes and threads.
+SCORE_TOL = 1e-5
+
+
+def assert_selection_stable(
+    policy: Callable[[Candidates], Any],
+    table: Candidates,
+    expected: Sequence[int],
+    tol: float = SCORE_TOL,
+    draws: int = 64,
+) -> None:
+    """``policy`` selects ``expected`` from ``table`` under every tested perturbation of the scores
+    within +-tol (each score moved alone both ways, and random joint moves): so a selection made
+    from scores within ``tol`` of these, in another process, must be the same. Asserts this
+    before a test compares selections across processes; if it fails, the test data puts two
+    candidates within rounding of the cut, and the comparison would be meaningless."""
+    assert table.scores is not None
+    base = table.scores.double()
+    moves = [torch.zeros_like(base)]
+    for i in range(len(base)):
+        for sign in (-1.0, 1.0):
+            one = torch.zeros_like(base)
+            one[i] = sign * tol
+            moves.append(one)
+    gen = torch.Generator().manual_seed(0)
+    moves += [
+        (torch.rand(len(base), generator=gen, dtype=torch.float64) * 2 - 1) * tol
+        for _ in range(draws)
+    ]
+    for move in moves:
+        moved = dataclasses.replace(table, scores=(base + move).float())
+        got = [int(i) for i in policy(moved)]
+        assert got == list(expected), (
+            f"the selection is within {tol} of a tie: {got} vs {list(expected)}; the test data "
+            "cannot compare selections across processes"
+        )
 
 
 def make_rollouts(

@@ -23,7 +23,7 @@ from gradalign.distributed import Distributed, check_distributed_option, resolve
 from gradalign.extractors import FactorizedGradient, FullGradient, RandomProjectedGradient
 from gradalign.policies import Chain, DiverseTopK, DropZeroVariance, TopFraction, TopK
 from gradalign.testing import tiny_model
-from tests.helpers import make_rollouts
+from tests.helpers import assert_selection_stable, make_rollouts
 
 pytestmark = pytest.mark.distributed
 
@@ -99,7 +99,9 @@ def _scenario(name: str) -> tuple[dict[str, Any], dict[int, str] | None]:
         }, None
     if name == "normalized-projected-grads":
         return {
-            "extractor": RandomProjectedGradient(dim=64, seed=3),
+            "extractor": RandomProjectedGradient(
+                dim=64, seed=4
+            ),  # seed 3 tied groups 3 and 11 at the cut
             "target": "normalized-mean",
             "keep_grads": True,
             "policy": DiverseTopK(4, redundancy=0.3),
@@ -151,6 +153,18 @@ def _worker(rank: int, port: int, out: str) -> None:
         GradAlign().select(model, cands, val)
     except GradAlignError as exc:
         results["duplicates"] = str(exc)
+    # One rank with another extractor seed, k or model: both ranks must refuse, naming the field.
+    mismatched = {
+        "seed": (GradAlign(RandomProjectedGradient(dim=64, seed=rank)), model),
+        "k": (GradAlign(policy=TopK(2 + rank)), model),
+        "model": (GradAlign(), tiny_model("qwen2", seed=rank)),
+    }
+    for case, (selector, m) in mismatched.items():
+        try:
+            selector.select(m, _shard(cands, CAND_IDS[rank::2]), _shard(val, VAL_IDS[rank::2]))
+            results[f"mismatch-{case}"] = "no error"
+        except GradAlignError as exc:
+            results[f"mismatch-{case}"] = str(exc)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     if rank == 1:  # hangs past the timeout, then dies without a word: rank 0 must not wait
         time.sleep(DEAD_RANK_TIMEOUT + 1.5)
@@ -200,6 +214,9 @@ def test_every_rank_returns_the_single_process_selection(
     cands, val = _data(qwen.config.vocab_size)
     ref = GradAlign(**settings, distributed=False).select(qwen, cands, val, tasks=tasks)
     expected = ref.candidates.to_dict()
+    # Ranks run at 1 thread, this process at 2: scores agree to rounding, so selections are
+    # compared only where rounding cannot change them.
+    assert_selection_stable(settings["policy"], ref.candidates, ref.ids.tolist())
     for rank, results in enumerate(two_ranks["ranks"]):
         got = results[name]
         assert got["ids"].tolist() == ref.ids.tolist(), f"rank {rank}"
@@ -239,6 +256,21 @@ def test_group_ids_on_two_ranks_are_named(two_ranks: dict[str, Any]) -> None:
         message = results["duplicates"]
         assert message.startswith("GradAlign.select: validation group ids must be unique")
         assert "100 (ranks [0, 1])" in message
+
+
+@pytest.mark.parametrize(
+    ("case", "field", "shown"),
+    [("seed", "extractor", "seed=1"), ("k", "policy", "k=3"), ("model", "model", "ranks [1]")],
+)
+def test_ranks_with_different_settings_or_models_are_refused(
+    two_ranks: dict[str, Any], case: str, field: str, shown: str
+) -> None:
+    for results in two_ranks["ranks"]:
+        message = results[f"mismatch-{case}"]
+        assert message.startswith("GradAlign.select: every rank must use the same settings"), (
+            message
+        )
+        assert f"differ in {field} (" in message and shown in message and "ranks [0]" in message
 
 
 @pytest.mark.parametrize("case", ["hung", "dead"])
@@ -294,7 +326,9 @@ def test_factorized_gradients_on_an_fsdp2_sharded_model(tmp_path: Path) -> None:
         "projected": FactorizedGradient(8, 8).per_group(model, cands).grads,
     }
     selector = GradAlign(FactorizedGradient(8, 8), policy=TopK(3), distributed=False)
-    reference = selector.select(model, cands, val).ids.tolist()
+    ref = selector.select(model, cands, val)
+    reference = ref.ids.tolist()
+    assert_selection_stable(TopK(3), ref.candidates, reference)  # before comparing across processes
     for r in ranks:
         torch.testing.assert_close(r["exact"], expected["exact"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(r["shared"], expected["exact"], rtol=1e-4, atol=1e-6)
@@ -302,3 +336,22 @@ def test_factorized_gradients_on_an_fsdp2_sharded_model(tmp_path: Path) -> None:
         assert r["selection"].tolist() == reference
         assert r["sharded_selection"].tolist() == reference
         assert r["full"].startswith("FullGradient.per_group: the model is sharded with FSDP2")
+
+
+def test_fingerprint_is_the_same_for_equal_settings_built_twice() -> None:
+    from gradalign.distributed import check_same_fingerprint, fingerprint
+
+    def build() -> GradAlign:
+        return GradAlign(RandomProjectedGradient(dim=64, seed=4), policy=lambda c: c.ids[:1])
+
+    a = fingerprint(build(), tiny_model("qwen2", seed=0))
+    b = fingerprint(build(), tiny_model("qwen2", seed=0))
+    assert a == b and " at 0x" not in a["policy"]  # addresses removed: lambdas compare equal
+    check_same_fingerprint([a, b])
+    other = tiny_model("qwen2", seed=0)
+    with torch.no_grad():
+        next(other.parameters())[0, 0] += 1e-3  # one sampled weight changed
+    c = fingerprint(build(), other)
+    assert c["model"] != a["model"]
+    with pytest.raises(GradAlignError, match=r"differ in model \(ranks \[0\]: .*; ranks \[1\]: "):
+        check_same_fingerprint([a, c])

@@ -22,6 +22,7 @@ from gradalign.integrations.trl import (
     objective_from_config,
 )
 from gradalign.testing import tiny_model, tiny_tokenizer
+from tests.helpers import assert_selection_stable
 
 # TRL 1.16 calls a transformers 5 alias during training; nothing we can change.
 TRL_DEPRECATION = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
@@ -426,7 +427,13 @@ def test_two_processes_select_once_and_serve_each_rank_its_part(tmp_path: Any) -
     assert two[0]["selections"] == two[1]["selections"]
     assert len(two[0]["selections"]) == 2
     # The first round scores the same policy with the same rollouts (seeded per generation call,
-    # not per process): the 2-process selection equals the 1-process one.
+    # not per process): the 2-process selection equals the 1-process one, where the 1-process
+    # scores leave no near-tie at the cut (the all-reduce sums in another order).
+    first = one["records"][0]
+    table = ga.Candidates(
+        ids=torch.tensor(first["scores_ids"]), scores=torch.tensor(first["scores"])
+    )
+    assert_selection_stable(ga.policies.TopK(3), table, one["selections"][0])
     assert two[0]["selections"][0] == one["selections"][0]
     # Each rank trains on its half of every generation batch, and only on selected problems.
     for rank in two:

@@ -37,7 +37,7 @@ def test_sdist_holds_a_runnable_test_suite(dist: Path, tmp_path: Path) -> None:
         "CHANGELOG.md",
         "docs/index.md",
         "examples/online_loop.py",
-        "benchmarks/scenarios.py",
+        "benchmarks/study.py",
         ".ci/run",
         "src/gradalign/py.typed",
     ):

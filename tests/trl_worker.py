@@ -102,6 +102,7 @@ def main() -> None:
         "rank": rank,
         "world": world,
         "selections": [r["selected"] for r in records],
+        "records": [{k: r[k] for k in ("scores_ids", "scores")} for r in records],
         "served": served,
         "error": error,
         "waited": waited,

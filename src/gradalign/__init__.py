@@ -27,7 +27,7 @@ from gradalign.extractors import (
 )
 from gradalign.objective import GRPOObjective, Objective, TokenWeightObjective
 from gradalign.preconditioning import AdamPreconditioner
-from gradalign.rollouts import Rollouts
+from gradalign.rollouts import ProblemIds, Rollouts
 from gradalign.rounds import Informative, Round, fill_round
 from gradalign.sampler import SelectionSampler
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
@@ -55,6 +55,7 @@ __all__ = [
     "Informative",
     "LoRAGradient",
     "Objective",
+    "ProblemIds",
     "ProblemStats",
     "RandomProjectedGradient",
     "Rollouts",

@@ -19,6 +19,7 @@ def pack_token_ids(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad ``prompt + completion`` rows -> input_ids, attention_mask, response_mask (S, T)."""
     call = "Rollouts.from_token_ids"
+    check_token_id(call, "pad_token_id", pad_token_id)
     if len(prompt_ids) != len(completion_ids):
         raise GradAlignError(
             f"{call}: got {len(prompt_ids)} prompts but {len(completion_ids)} completions"
@@ -92,6 +93,86 @@ def tokenize_pairs(
     return prompt_ids, completion_ids, int(pad if pad is not None else 0)
 
 
+def check_token_id(call: str, name: str, value: Any) -> int:
+    """A token id: an int >= 0 (not a bool, not None)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise GradAlignError(
+        f"{call}: {name} must be a token id (an int >= 0), got {value!r}; pass "
+        "tokenizer.pad_token_id (tokenizer.eos_token_id when the tokenizer has no pad token)"
+    )
+
+
+def _stop_ids(call: str, eos_token_id: Any) -> set[int]:
+    """The ids that end a completion: ``eos_token_id`` as a set (None: none)."""
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    values = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    ok = isinstance(values, (list, tuple, set)) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    )
+    if not ok:
+        raise GradAlignError(
+            f"{call}: eos_token_id must be a token id, a list of them or None, got "
+            f"{eos_token_id!r}; pass generation_config.eos_token_id"
+        )
+    return set(values)
+
+
+def _one_run_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the row's 1s form one contiguous run that touches the first or last column."""
+    m = mask.long()  # (B, L)
+    runs = (m[:, 1:] > m[:, :-1]).sum(1) + m[:, 0]  # (B,) starts of runs of 1s
+    return (runs == 1) & ((m[:, 0] == 1) | (m[:, -1] == 1))
+
+
+def _derived_prompt_mask(
+    call: str, prompts: torch.Tensor, pad: int, stops: set[int]
+) -> torch.Tensor:
+    """(B, L) bool: ``prompt_ids != pad``, where that is unambiguous."""
+    fix = "pass prompt_mask=batch.attention_mask (the attention_mask given to generate)"
+    if pad in stops:
+        # A prompt may hold EOS tokens (chat templates end turns with them); they would be dropped.
+        raise GradAlignError(
+            f"{call}: pad_token_id={pad} is also an eos_token_id, so padding cannot be told from "
+            f"EOS tokens inside the prompts; {fix}"
+        )
+    mask = prompts != pad  # (B, L)
+    bad = (~_one_run_per_row(mask)).nonzero().flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise GradAlignError(
+            f"{call}: prompt row {row} holds pad_token_id={pad} between its tokens or has no "
+            f"token other than it, so its padding is ambiguous: {prompts[row, :32].tolist()}; {fix}"
+        )
+    return mask
+
+
+def _given_prompt_mask(call: str, prompt_mask: Any, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, L) bool: the attention mask given to generate, one run of 1s per row."""
+    mask = torch.as_tensor(prompt_mask).detach().cpu()
+    if tuple(mask.shape) != shape:
+        raise GradAlignError(
+            f"{call}: prompt_mask must have the shape of prompt_ids {shape}, got {tuple(mask.shape)}"
+        )
+    values = torch.unique(mask)
+    if mask.dtype.is_complex or not bool(((values == 0) | (values == 1)).all()):
+        raise GradAlignError(
+            f"{call}: prompt_mask must be 0/1 or bool, got values {values[:5].tolist()}"
+        )
+    bad = (~_one_run_per_row(mask.bool())).nonzero().flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise GradAlignError(
+            f"{call}: prompt_mask must be one contiguous run of 1s per row, padded on one side "
+            f"(left or right, as a tokenizer pads), got {mask[row, :32].long().tolist()} in row "
+            f"{row}; pass the attention_mask given to generate"
+        )
+    return mask.bool()
+
+
 def split_generate_output(
     prompt_ids: torch.Tensor,
     sequences: torch.Tensor,
@@ -106,11 +187,33 @@ def split_generate_output(
     an EOS it runs to the end, trailing ``pad_token_id`` removed.
     """
     call = "Rollouts.from_generate"
-    prompts, seqs = torch.as_tensor(prompt_ids), torch.as_tensor(sequences)
-    if prompts.dim() != 2 or seqs.dim() != 2:
+    pad = check_token_id(call, "pad_token_id", pad_token_id)
+    stops = _stop_ids(call, eos_token_id)
+    prompts, seqs = _generate_tensors(call, prompt_ids, sequences)
+    b, width = prompts.shape
+    k = seqs.shape[0] // b
+    if prompt_mask is None:
+        mask = _derived_prompt_mask(call, prompts, pad, stops)
+    else:
+        mask = _given_prompt_mask(call, prompt_mask, (b, width))
+    prompt_rows = [prompts[i][mask[i]].tolist() for i in range(b)]
+    out_prompts, completions = [], []
+    for row, tokens in enumerate(seqs[:, width:].tolist()):
+        out_prompts.append(prompt_rows[row // k])
+        completions.append(_completion(tokens, pad, stops))
+    return out_prompts, completions
+
+
+def _generate_tensors(
+    call: str, prompt_ids: Any, sequences: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) prompts and (B * k, L + N) sequences on CPU, checked against each other."""
+    prompts = torch.as_tensor(prompt_ids).detach().cpu()
+    seqs = torch.as_tensor(sequences).detach().cpu()
+    if prompts.dim() != 2 or seqs.dim() != 2 or 0 in prompts.shape:
         raise GradAlignError(
-            f"{call}: prompt_ids and sequences must be 2-D, got shapes {tuple(prompts.shape)} "
-            f"and {tuple(seqs.shape)}"
+            f"{call}: prompt_ids and sequences must be 2-D with at least one prompt token, got "
+            f"shapes {tuple(prompts.shape)} and {tuple(seqs.shape)}"
         )
     b, width = prompts.shape
     if seqs.shape[0] % b or seqs.shape[1] <= width:
@@ -119,26 +222,19 @@ def split_generate_output(
             f"than {width} columns (prompt + completion), got shape {tuple(seqs.shape)}"
         )
     k = seqs.shape[0] // b
-    if not torch.equal(seqs[:, :width].cpu(), prompts.cpu().repeat_interleave(k, dim=0)):
+    if not torch.equal(seqs[:, :width], prompts.repeat_interleave(k, dim=0)):
         raise GradAlignError(
             f"{call}: sequences[:, :{width}] must repeat prompt_ids {k} times each (generate's "
             "num_return_sequences layout); pass the input_ids given to generate"
         )
-    mask = prompts != pad_token_id if prompt_mask is None else torch.as_tensor(prompt_mask).bool()
-    if tuple(mask.shape) != (b, width):
-        raise GradAlignError(
-            f"{call}: prompt_mask must have the shape of prompt_ids {(b, width)}, got "
-            f"{tuple(mask.shape)}"
-        )
-    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    prompt_rows = [prompts[i][mask[i].cpu()].tolist() for i in range(b)]
-    out_prompts, completions = [], []
-    for row, tokens in enumerate(seqs[:, width:].tolist()):
-        cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
-        if cut is None:
-            while tokens and tokens[-1] == pad_token_id:
-                tokens.pop()
-            cut = len(tokens)
-        out_prompts.append(prompt_rows[row // k])
-        completions.append(tokens[:cut])
-    return out_prompts, completions
+    return prompts, seqs
+
+
+def _completion(tokens: list[int], pad: int, stops: set[int]) -> list[int]:
+    """The generated tokens up to and including the first EOS, else without trailing padding."""
+    cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+    if cut is not None:
+        return tokens[:cut]
+    while tokens and tokens[-1] == pad:
+        tokens.pop()
+    return tokens

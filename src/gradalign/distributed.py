@@ -19,6 +19,12 @@ so the target equals the single-process one for every reduction ("mean", "normal
 sorted by id, so every rank holds the whole candidate table and runs the (deterministic) policy to
 the same selection.
 
+At the first collective of every call the ranks compare a fingerprint of their settings
+(extractor, objective, scorer, target, policy and its k) and of the model (class, parameter names,
+shapes and dtypes, and a strided sample of the weights of every parameter that is not sharded):
+a rank with another seed, model or k gives a [`GradAlignError`][gradalign.errors.GradAlignError]
+naming the field and the ranks, instead of one agreed wrong selection.
+
 Before every collective a ``monitored_barrier`` (gloo groups) waits at most ``timeout``; a rank
 that died or hangs gives a [`GradAlignError`][gradalign.errors.GradAlignError] naming it instead of a hang. Other
 backends (NCCL) have no monitored barrier: there the process group's own timeout applies
@@ -30,6 +36,7 @@ Shape glossary: G candidate groups (G_r on rank r), Q targets, D gradient dimens
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -60,6 +67,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_target_state",
     "barrier",
+    "fingerprint",
     "is_distributed",
     "resolve",
 ]
@@ -367,6 +375,93 @@ def all_gather_candidates(rollouts: Rollouts | None, settings: Distributed) -> C
     return Candidates(ids=ids, accuracy=rows["accuracy"], reward_std=rows["reward_std"])
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_SAMPLE = 64  # weights sampled per parameter for the model's fingerprint
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed tensors
+        return False
+    return isinstance(p, DTensor) or isinstance(p.data, DTensor)
+
+
+def _model_digest(model: nn.Module) -> str:
+    """Class, parameter names, shapes, dtypes and a strided weight sample, hashed.
+
+    Sharded parameters (FSDP2's DTensor) contribute their global shape only: each rank holds
+    another shard, so their values cannot be compared without a collective of their own.
+    """
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{p.requires_grad}".encode())
+        if _is_sharded(p) or p.numel() == 0:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].double().cpu()
+        # Replicas hold the same bits; 9 significant digits are exact for float32 weights.
+        h.update(",".join(f"{v:.9g}" for v in sample.tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(selector: GradAlign, model: nn.Module) -> dict[str, str]:
+    """What every rank must agree on: the selector's settings (readable) and the model (a digest).
+
+    Reprs are used with memory addresses removed, so two equal settings built in two processes
+    give the same text; a policy is a dataclass whose repr shows its k and seed.
+    """
+
+    def text(obj: Any) -> str:
+        return _ADDRESS.sub("", repr(obj))
+
+    return {
+        "extractor": text(selector.extractor),
+        "objective": text(selector.objective),
+        "scorer": text(selector.scorer),
+        "target": text(selector.target),
+        "policy": text(selector.policy),
+        "keep_grads": text(selector.keep_grads),
+        "preconditioner": text(selector.preconditioner),
+        "model": _model_digest(model),
+    }
+
+
+def _common_prefix(texts: list[str]) -> int:
+    """Length of the longest prefix all ``texts`` share (character by character)."""
+    first = min(texts, key=len)
+    return next((i for i, ch in enumerate(first) if any(t[i] != ch for t in texts)), len(first))
+
+
+def _window(text: str | None, start: int, width: int = 160) -> str:
+    if text is None:
+        return "None"
+    head = "..." if start > 0 else ""
+    tail = "..." if len(text) > start + width else ""
+    return f"{head}{text[start : start + width]}{tail}"
+
+
+def check_same_fingerprint(per_rank: list[dict[str, str]]) -> None:
+    """GradAlignError naming each field on which the ranks' fingerprints differ."""
+    problems = []
+    for field in per_rank[0]:
+        values = [fp.get(field) for fp in per_rank]
+        if len(set(values)) > 1:
+            groups: dict[str | None, list[int]] = {}
+            for rank, v in enumerate(values):
+                groups.setdefault(v, []).append(rank)
+            # Long reprs are shown from shortly before their first difference.
+            start = max(0, _common_prefix([v or "" for v in values]) - 40)
+            shown = "; ".join(f"ranks {ranks}: {_window(v, start)}" for v, ranks in groups.items())
+            problems.append(f"{field} ({shown})")
+    if problems:
+        raise GradAlignError(
+            f"{current_call('GradAlign')}: every rank must use the same settings and model, but "
+            f"they differ in {'; and '.join(problems)}; build the selector and load the model "
+            "the same way on every rank"
+        )
+
+
 class DistributedGradAlign:
     """[`GradAlign`][gradalign.selector.GradAlign] over the ranks of a process group: same selection, sharded work.
 
@@ -395,11 +490,25 @@ class DistributedGradAlign:
     def __init__(self, selector: GradAlign, settings: Distributed | None = None) -> None:
         self.selector = selector
         self.settings = Distributed() if settings is None else settings
+        self._depth = 0  # nesting of public calls: the fingerprint is checked by the outermost
         if not (dist.is_available() and dist.is_initialized()):
             raise GradAlignError(
                 "DistributedGradAlign: torch.distributed is not initialized; call "
                 "torch.distributed.init_process_group first"
             )
+
+    @contextlib.contextmanager
+    def _call(self, model: nn.Module) -> Iterator[None]:
+        """The outermost public call first compares every rank's fingerprint (one all-gather)."""
+        if self._depth == 0:
+            mine = fingerprint(self.selector, model)
+            per_rank = _gather_objects("the comparison of settings", mine, self.settings)
+            check_same_fingerprint(per_rank)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
 
     def _stats(self, rollouts: Rollouts | None, what: str) -> BatchStats | None:
         local = None if rollouts is None else BatchStats.of(rollouts)
@@ -419,17 +528,20 @@ class DistributedGradAlign:
         """(Q, D) targets from every rank's validation shard: all ranks get the same."""
         from gradalign.selector import check_tasks
 
-        sel = self.selector
-        check_tasks(tasks, None)  # a label's groups may live on another rank
-        stats = self._stats(validation, "validation")
-        acc = TargetAccumulator(sel.target, sel.objective, tasks)
-        sums = weights = ids = None
-        if validation is not None:
-            acc = sel.target_state(model, validation, tasks=tasks, stats=stats, progress=progress)
-            (sums, weights), ids = acc.state(), validation.unique_groups
-        sums, weights = all_reduce_target_state(sums, weights, self.settings, group_ids=ids)
-        target = acc.result(sums, weights)  # (Q, D)
-        return sel.check_targets(target, tuple(acc.labels or (0,)), tasks)
+        with self._call(model):
+            sel = self.selector
+            check_tasks(tasks, None)  # a label's groups may live on another rank
+            stats = self._stats(validation, "validation")
+            acc = TargetAccumulator(sel.target, sel.objective, tasks)
+            sums = weights = ids = None
+            if validation is not None:
+                acc = sel.target_state(
+                    model, validation, tasks=tasks, stats=stats, progress=progress
+                )
+                (sums, weights), ids = acc.state(), validation.unique_groups
+            sums, weights = all_reduce_target_state(sums, weights, self.settings, group_ids=ids)
+            target = acc.result(sums, weights)  # (Q, D)
+            return sel.check_targets(target, tuple(acc.labels or (0,)), tasks)
 
     @api_call("GradAlign.alignment")
     def alignment(
@@ -444,29 +556,30 @@ class DistributedGradAlign:
         """Every rank's candidates against the shared targets, gathered and sorted by id."""
         from gradalign.selector import CandidateRows, Targets, warn_shared_ids
 
-        warn_shared_ids(candidates, validation)
-        if isinstance(validation, Targets):
-            target, labels = self.selector.resolve_targets(
-                model, validation, tasks=tasks, progress=progress
+        with self._call(model):
+            warn_shared_ids(candidates, validation)
+            if isinstance(validation, Targets):
+                target, labels = self.selector.resolve_targets(
+                    model, validation, tasks=tasks, progress=progress
+                )
+            else:
+                target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
+            stats = self._stats(candidates, "candidate")
+            local = None
+            if candidates is not None:
+                local = self.selector.candidate_rows(
+                    model, candidates, target, stats=stats, progress=progress
+                )
+            ids, dot, norm, spread, grads = all_gather_alignment(
+                None if local is None else local.ids,
+                None if local is None else local.dot,
+                None if local is None else local.grad_norm,
+                None if local is None else local.zero_spread,
+                self.settings,
+                grads=None if local is None else local.grads,
             )
-        else:
-            target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
-        stats = self._stats(candidates, "candidate")
-        local = None
-        if candidates is not None:
-            local = self.selector.candidate_rows(
-                model, candidates, target, stats=stats, progress=progress
-            )
-        ids, dot, norm, spread, grads = all_gather_alignment(
-            None if local is None else local.ids,
-            None if local is None else local.dot,
-            None if local is None else local.grad_norm,
-            None if local is None else local.zero_spread,
-            self.settings,
-            grads=None if local is None else local.grads,
-        )
-        rows = CandidateRows(ids=ids, dot=dot, grad_norm=norm, zero_spread=spread, grads=grads)
-        return self.selector.make_alignment(rows, target, labels)
+            rows = CandidateRows(ids=ids, dot=dot, grad_norm=norm, zero_spread=spread, grads=grads)
+            return self.selector.make_alignment(rows, target, labels)
 
     @api_call("GradAlign.score")
     def score(
@@ -479,8 +592,9 @@ class DistributedGradAlign:
         progress: bool = False,
     ) -> Candidates:
         """The whole candidate table (every rank's groups) with scores: the same on every rank."""
-        al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
-        return self.selector.make_table(all_gather_candidates(candidates, self.settings), al)
+        with self._call(model):
+            al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
+            return self.selector.make_table(all_gather_candidates(candidates, self.settings), al)
 
     @api_call("GradAlign.select")
     def select(
@@ -493,5 +607,6 @@ class DistributedGradAlign:
         progress: bool = False,
     ) -> Selection:
         """The single-process selection, computed from every rank's shard, on every rank."""
-        table = self.score(model, candidates, validation, tasks=tasks, progress=progress)
-        return self.selector.apply_policy(table)
+        with self._call(model):
+            table = self.score(model, candidates, validation, tasks=tasks, progress=progress)
+            return self.selector.apply_policy(table)

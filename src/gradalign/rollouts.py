@@ -1,7 +1,8 @@
 """Rollouts: the token-level record of sampled responses that every extractor differentiates.
 
 Implementations: [`Rollouts`][gradalign.rollouts.Rollouts] (validated on construction), built directly from tensors, from
-per-sequence token-id lists ([`Rollouts.from_token_ids`][gradalign.rollouts.Rollouts.from_token_ids]) or from text ([`Rollouts.from_texts`][gradalign.rollouts.Rollouts.from_texts]).
+per-sequence token-id lists ([`Rollouts.from_token_ids`][gradalign.rollouts.Rollouts.from_token_ids]) or from text ([`Rollouts.from_texts`][gradalign.rollouts.Rollouts.from_texts]);
+[`ProblemIds`][gradalign.rollouts.ProblemIds] maps a dataset's string problem ids to the integer group ids and back.
 
 Shape glossary: S sequences, T tokens, G groups (one group = the rollouts of one problem).
 """
@@ -14,22 +15,33 @@ from typing import Any
 
 import torch
 
+from gradalign._problem_ids import ProblemIds, string_ids_message
 from gradalign.errors import GradAlignError
 from gradalign.stats import GroupStats, group_stats
 
-__all__ = ["GroupStats", "Rollouts", "group_stats", "micro_batch_width"]
+__all__ = ["GroupStats", "ProblemIds", "Rollouts", "group_stats", "micro_batch_width"]
 
 _TensorLike = torch.Tensor | Sequence[float] | Sequence[int]
 
 
-def _as_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+_ID_NAMES = ("group_ids", "ids")
+"""Arguments that hold problem ids: strings there get the mapping to use (ProblemIds)."""
+
+
+def _as_tensor(
+    name: str, value: Any, dtype: torch.dtype | None = None, call: str = "Rollouts"
+) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value if dtype is None else value.to(dtype)
     try:
         return torch.as_tensor(value, dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as exc:
+        named = string_ids_message(call, name, value) if name in _ID_NAMES else None
+        shown = repr(value)[:60]
         raise GradAlignError(
-            f"Rollouts: {name} must be a tensor or a sequence of numbers, got {type(value).__name__}"
+            named
+            or f"{call}: {name} must be a tensor or a sequence of numbers, got "
+            f"{type(value).__name__} {shown}"
         ) from exc
 
 
@@ -49,7 +61,8 @@ class Rollouts:
         response_mask: (S, T) bool, True where token t is a response token; its log-prob comes from the
             logits at t - 1, so column 0 is never a response token.
         rewards: (S,) finite rewards, one per sequence.
-        group_ids: (S,) integer problem id of each sequence (any integers, not necessarily contiguous).
+        group_ids: (S,) integer problem id of each sequence (any integers, not necessarily contiguous);
+            map string ids with [`ProblemIds`][gradalign.rollouts.ProblemIds].
         old_logprobs: optional (S, T) log-probs of the tokens under the sampling policy (PPO ratio).
         ref_logprobs: optional (S, T) log-probs under a reference policy (KL penalty).
 
@@ -390,7 +403,8 @@ class Rollouts:
 
         Each row is ``prompt + completion``, right-padded with ``pad_token_id``; the completion tokens
         form the response mask. With ``max_length``, the completion is truncated first so that the
-        row fits (the prompt is kept whole; a prompt that leaves no room raises).
+        row fits (the prompt is kept whole; a prompt that leaves no room raises). ``group_ids``
+        are integers; map string ids with [`ProblemIds`][gradalign.rollouts.ProblemIds].
 
         Examples:
             >>> ro = Rollouts.from_token_ids([[1, 2], [1, 2]], [[3], [4, 5]], [1.0, 0.0], [0, 0])
@@ -399,6 +413,7 @@ class Rollouts:
         """
         from gradalign._tokenize import pack_token_ids
 
+        group_ids = _as_tensor("group_ids", group_ids, call="Rollouts.from_token_ids")
         ids, attn, resp = pack_token_ids(
             prompt_ids, completion_ids, pad_token_id=pad_token_id, max_length=max_length
         )
@@ -407,7 +422,7 @@ class Rollouts:
             attention_mask=attn,
             response_mask=resp,
             rewards=rewards,  # type: ignore[arg-type]
-            group_ids=group_ids,  # type: ignore[arg-type]
+            group_ids=group_ids,
         )
 
     @classmethod
@@ -435,13 +450,21 @@ class Rollouts:
             prompt_ids: (B, L) the ``input_ids`` passed to ``generate``.
             sequences: (B * k, L + N) what ``generate`` returned (``.sequences`` of a dict output).
             rewards: (B * k,) reward of each row.
-            group_ids: (B * k,) problem id of each row; None uses the prompt's row index (0..B-1).
+            group_ids: (B * k,) integer problem id of each row (map strings with
+                [`ProblemIds`][gradalign.rollouts.ProblemIds]); None uses the prompt's row index (0..B-1).
             pad_token_id: the padding id ``generate`` used.
             eos_token_id: the id (or ids) that end a completion; None keeps every generated token
                 except trailing padding.
-            prompt_mask: (B, L) the ``attention_mask`` passed to ``generate``; None treats every
-                ``pad_token_id`` in ``prompt_ids`` as padding.
+            prompt_mask: (B, L) the ``attention_mask`` passed to ``generate``: one run of 1s per
+                row, padded on one side. None treats every ``pad_token_id`` in ``prompt_ids`` as
+                padding, which needs ``pad_token_id`` to differ from every EOS id (prompts may
+                hold EOS tokens) and to appear only at the edges of each row.
             max_length: as in [`from_token_ids`][gradalign.rollouts.Rollouts.from_token_ids].
+
+        Raises:
+            GradAlignError: ``pad_token_id`` is not a token id; padding is ambiguous without
+                ``prompt_mask``; ``prompt_mask`` has holes or padding on both sides; the shapes of
+                ``prompt_ids`` and ``sequences`` do not match ``generate``'s layout.
 
         Examples:
             >>> import torch
@@ -455,6 +478,8 @@ class Rollouts:
         """
         from gradalign._tokenize import split_generate_output
 
+        if group_ids is not None:
+            group_ids = _as_tensor("group_ids", group_ids, call="Rollouts.from_generate")
         prompts, completions = split_generate_output(
             prompt_ids,
             sequences,
@@ -494,7 +519,8 @@ class Rollouts:
             prompts: (S,) prompt strings, or chat messages when ``chat_template`` is True.
             completions: (S,) completion strings.
             rewards: (S,) rewards.
-            group_ids: (S,) problem id of each completion.
+            group_ids: (S,) integer problem id of each completion (map strings with
+                [`ProblemIds`][gradalign.rollouts.ProblemIds]).
             max_length: truncate completions so each row holds at most this many tokens.
             chat_template: render prompts with ``tokenizer.apply_chat_template`` and the generation
                 prompt (a string prompt becomes one user message).
@@ -503,6 +529,7 @@ class Rollouts:
         from gradalign._tokenize import tokenize_pairs
 
         call = "Rollouts.from_texts"
+        group_ids = _as_tensor("group_ids", group_ids, call=call)
         for name, value in (("prompts", prompts), ("completions", completions)):
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                 raise GradAlignError(

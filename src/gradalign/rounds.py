@@ -237,6 +237,24 @@ def fill_round(
     Raises:
         GradAlignError: bad settings, or ``sample``/``score``/``policy`` returning something
             that does not fit the problems asked for.
+
+    Examples:
+        Two rollouts per problem; only even problems get a reward spread (1, 0):
+
+        >>> def sample(ids):
+        ...     ids = ids.tolist()
+        ...     rewards = [float(j == 0 and i % 2 == 0) for i in ids for j in (0, 1)]
+        ...     groups = [i for i in ids for _ in (0, 1)]
+        ...     return Rollouts.from_token_ids([[5, 6]] * len(groups), [[7, 1], [8, 1]] * len(ids),
+        ...                                    rewards, groups)
+        >>> cur = Curriculum(pool_size=12, chunk_size=4, seed=0)
+        >>> rnd = fill_round(cur, sample, Candidates.from_rollouts, policies.AccGreedy(3), k=3)
+        >>> rnd.num_chunks, rnd.shortfall, sorted(rnd.ids.tolist())
+        (2, 0, [0, 2, 8])
+        >>> len(rnd.training_rollouts())  # the selected groups' own rollouts
+        6
+        >>> cur.record(rnd.selection); cur.chunks_per_round()
+        [2]
     """
     call = "fill_round"
     if not isinstance(curriculum, Curriculum):

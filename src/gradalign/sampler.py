@@ -12,7 +12,7 @@ G generations per problem.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import Sampler
@@ -21,6 +21,31 @@ from gradalign._problem_ids import _check_int, _ids, _permutation
 from gradalign.errors import GradAlignError
 
 __all__ = ["SelectionSampler", "SelectionSource"]
+
+_STATE_FORMAT = 1
+_SETTINGS = (
+    "pool_size",
+    "num_generations",
+    "seed",
+    "num_replicas",
+    "rank",
+    "shuffle",
+    "repeat_count",
+    "batch_size",
+    "endless",
+)
+"""What fixes the order besides the position: a state loads only into a sampler built alike."""
+
+
+class _Position(NamedTuple):
+    """Where a sampler stands: its epoch, and where its endless stream stands."""
+
+    epoch: int
+    stream_version: int  # the record whose selection the stream walks (-1: none yet)
+    stream_pass: int
+    queue: torch.Tensor  # (n,) problems left in the pass
+    block: torch.Tensor  # (b,) the block in hand
+    served: int  # indices of the block in hand already handed out
 
 
 @runtime_checkable
@@ -64,7 +89,9 @@ class SelectionSampler(Sampler[int]):
             and after a new record the blocks walk the new selection from its start; within one
             selection the rank's problems are walked in passes, pass p in the order of epoch p,
             so every selected problem is served once per pass. Needs ``batch_size``; such a
-            sampler has no length.
+            sampler has no length. Its position is in
+            [`state_dict`][gradalign.sampler.SelectionSampler.state_dict]: a resumed run continues
+            with the ids the uninterrupted run would have served.
 
     Raises:
         GradAlignError: bad settings; from ``__iter__`` and ``__len__``, an empty selection.
@@ -123,6 +150,11 @@ class SelectionSampler(Sampler[int]):
             raise GradAlignError(f"{where}: an endless sampler needs a batch_size, got None")
         self._stream_version, self._stream_pass = -1, 0
         self._queue = torch.zeros(0, dtype=torch.long)
+        # The stream's block in hand and how many of its indices were handed out: an iterator
+        # resumed from a state finishes it before drawing the next block.
+        self._block = torch.zeros(0, dtype=torch.long)
+        self._block_rows: list[int] = []
+        self._served = 0
 
     @property
     def batch_size(self) -> int | None:
@@ -202,8 +234,146 @@ class SelectionSampler(Sampler[int]):
             need -= len(parts[-1])
         return torch.cat(parts)
 
+    def _hold(self, block: torch.Tensor, served: int) -> None:
+        """Take ``block`` (b,) in hand, ``served`` of its indices already handed out."""
+        rows = block.repeat_interleave(self._num_generations)  # (b * G,)
+        self._block, self._served = block, served
+        self._block_rows = rows.repeat(self._repeat_count).tolist()  # (repeat * b * G,)
+
     def _stream(self) -> Iterator[int]:
+        # The position lives on the sampler, not in this generator: a state saved mid-block
+        # resumes mid-block, and every iterator of one sampler shares one stream.
         while True:
-            block = self.next_block()  # (b,)
-            rows = block.repeat_interleave(self._num_generations)  # (b * G,)
-            yield from rows.repeat(self._repeat_count).tolist()  # (repeat * b * G,)
+            if self._served >= len(self._block_rows):
+                self._hold(self.next_block(), 0)
+            self._served += 1
+            yield self._block_rows[self._served - 1]
+
+    def _settings(self) -> dict[str, Any]:
+        values = (
+            self._source.pool_size,
+            self._num_generations,
+            self._seed,
+            self._num_replicas,
+            self._rank,
+            self._shuffle,
+            self._repeat_count,
+            self._batch_size,
+            self._endless,
+        )
+        return dict(zip(_SETTINGS, values, strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position as plain Python (ints, bools, lists): ``torch.save``/JSON-able.
+
+        The epoch, and for an endless sampler where its stream stands: the record and pass it
+        walks, the problems left in the pass, the block in hand and how many of that block's
+        indices were handed out. Save it with the source's own state (``Curriculum.state_dict``).
+
+        Examples:
+            >>> from gradalign import Curriculum
+            >>> cur = Curriculum(pool_size=6, chunk_size=6)
+            >>> sampler = SelectionSampler(cur, num_generations=2, batch_size=2, endless=True)
+            >>> stream = iter(sampler)
+            >>> served = [next(stream) for _ in range(3)]
+            >>> state = sampler.state_dict()  # saved with cur.state_dict()
+            >>> later = [next(stream) for _ in range(5)]
+            >>> resumed = SelectionSampler(cur, num_generations=2, batch_size=2, endless=True)
+            >>> resumed.load_state_dict(state)
+            >>> stream = iter(resumed)
+            >>> [next(stream) for _ in range(5)] == later
+            True
+        """
+        position = _Position(
+            self._epoch,
+            self._stream_version,
+            self._stream_pass,
+            self._queue,
+            self._block,
+            self._served,
+        )
+        plain = {
+            key: value.tolist() if isinstance(value, torch.Tensor) else value
+            for key, value in position._asdict().items()
+        }
+        return {"format": _STATE_FORMAT, **self._settings(), **plain}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from [`state_dict`][gradalign.sampler.SelectionSampler.state_dict].
+
+        Load the source's state first: an endless sampler then serves, from its next index on,
+        what the uninterrupted run would have served.
+
+        Raises:
+            GradAlignError: not a state of a sampler built with the same settings, a state ahead
+                of the source (load the source's state first), or an inconsistent position. On
+                error this sampler is left unchanged.
+        """
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, dict):
+            raise GradAlignError(
+                f"{where}: state must be the dict of {type(self).__name__}.state_dict(), got "
+                f"{type(state).__name__} {state!r:.60}"
+            )
+        missing = [k for k in ("format", *_SETTINGS, *_Position._fields) if k not in state]
+        if missing:
+            raise GradAlignError(
+                f"{where}: state lacks keys {missing}; pass the dict of state_dict()"
+            )
+        expected = {"format": _STATE_FORMAT, **self._settings()}
+        for key, value in expected.items():
+            if state[key] != value or type(state[key]) is not type(value):
+                raise GradAlignError(
+                    f"{where}: state has {key}={state[key]!r}, this sampler has {value!r}; "
+                    "build the sampler with the settings of the saved one"
+                )
+        position = self._position(where, state)
+        self._epoch, self._stream_version = position.epoch, position.stream_version
+        self._stream_pass, self._queue = position.stream_pass, position.queue
+        self._hold(position.block, position.served)
+
+    def _position(self, where: str, state: dict[str, Any]) -> _Position:
+        """The validated position of a state; raises before anything is changed."""
+        position = _position(where, state, self._source)
+        block = len(position.block)
+        if block not in (0, self._batch_size):
+            raise GradAlignError(
+                f"{where}: block must hold batch_size={self._batch_size} problems (or none), got "
+                f"{block}"
+            )
+        rows = block * self._num_generations * self._repeat_count
+        if position.served > rows:
+            raise GradAlignError(
+                f"{where}: served must be at most the {rows} indices of the block in hand, got "
+                f"{position.served}"
+            )
+        return position
+
+
+def _position(where: str, state: dict[str, Any], source: SelectionSource) -> _Position:
+    """The position entries of a state, each checked on its own."""
+    epoch = _check_int(where, "epoch", state["epoch"], minimum=0)
+    version = _check_int(where, "stream_version", state["stream_version"], minimum=-1)
+    if version > source.num_records:
+        raise GradAlignError(
+            f"{where}: the state's stream is at record {version} but the source has "
+            f"{source.num_records} records; load the source's state (Curriculum.load_state_dict) "
+            "first"
+        )
+    stream_pass = _check_int(where, "stream_pass", state["stream_pass"], minimum=0)
+    queue = _ids_list(where, "queue", state["queue"], source.pool_size)
+    block = _ids_list(where, "block", state["block"], source.pool_size)
+    served = _check_int(where, "served", state["served"], minimum=0)
+    return _Position(epoch, version, stream_pass, queue, block, served)
+
+
+def _ids_list(where: str, name: str, value: Any, pool_size: int) -> torch.Tensor:
+    """(n,) int64 problem ids from a list of ints in [0, pool_size); repeats allowed."""
+    ok = isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < pool_size for v in value
+    )
+    if not ok:
+        raise GradAlignError(
+            f"{where}: {name} must be a list of problem ids in [0, {pool_size}), got {value!r:.60}"
+        )
+    return torch.tensor(value, dtype=torch.long)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,16 +58,23 @@ def _check_pair(call: str, grads: torch.Tensor, target: torch.Tensor) -> None:
             raise GradAlignError(f"{call}: {name} contains NaN or inf")
 
 
+def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """float64 when an input is float64, else float32 (half and bfloat16 inputs are widened)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
 def scaled_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) rows divided by their largest magnitude (entries in [-1, 1]) and (N,) float64 scales.
+    """(N, D) float32 rows divided by their largest magnitude (entries in [-1, 1]) and (N,) float64
+    scales.
 
     Products and squares of the scaled rows neither overflow nor underflow in float32, whatever the
-    magnitude of the input (1e20 or 1e-30 alike); a zero row stays zero with scale 0.
+    magnitude of the input (1e20 or 1e-30 alike, and 1e-200 or 1e200 in float64: rows are scaled
+    in their own precision before they are cast); a zero row stays zero with scale 0.
     """
-    x = x.float()
+    x = x.to(_work_dtype(x))
     scale = _max_abs(x)  # (N,)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return x / safe[:, None], scale.double()
+    return (x / safe[:, None]).float(), scale.double()
 
 
 def _max_abs(x: torch.Tensor) -> torch.Tensor:
@@ -95,16 +102,24 @@ _SCORE_BLOCK = 1 << 22
 """Columns per block of [`alignment_terms`][gradalign.scoring.alignment_terms]: 16 MiB of each scaled row."""
 
 
-def alignment_terms(
-    grads: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(G, Q) inner products, (G,) and (Q,) norms of ``grads`` (G, D) and ``targets`` (Q, D).
+class _ScaledTerms(NamedTuple):
+    """Alignment terms of rows scaled to unit max-magnitude, and the (float64) scales."""
 
-    The one scoring kernel: rows are scaled to unit max-magnitude before multiplying and the
-    results are float64, so any finite input gives finite terms. Cosine is
-    ``dot / (grad_norm * target_norm)``; the paper's inner product is ``dot / target_norm``.
+    dot: torch.Tensor  # (G, Q) inner products of the scaled rows
+    grad_norm: torch.Tensor  # (G,) norms of the scaled grads
+    target_norm: torch.Tensor  # (Q,) norms of the scaled targets
+    grad_scale: torch.Tensor  # (G,)
+    target_scale: torch.Tensor  # (Q,)
+
+
+def _scaled_terms(grads: torch.Tensor, targets: torch.Tensor) -> _ScaledTerms:
+    """Inner products and norms of the scaled rows of ``grads`` (G, D) and ``targets`` (Q, D).
+
+    Scaling comes first, in the inputs' own precision (float64 stays float64: a float64 row of
+    1e-200 would be 0 in float32 before its scale could save it), so every term is finite.
     """
-    grads, targets = grads.float(), targets.to(grads.device).float()
+    dtype = _work_dtype(grads, targets)
+    grads, targets = grads.to(dtype), targets.to(grads.device, dtype)
     g_scale, t_scale = _max_abs(grads), _max_abs(targets)  # (G,), (Q,)
     g_safe = torch.where(g_scale > 0, g_scale, torch.ones_like(g_scale))[:, None]
     t_safe = torch.where(t_scale > 0, t_scale, torch.ones_like(t_scale))[:, None]
@@ -118,9 +133,22 @@ def alignment_terms(
         dot += (gs @ ts.T).double()
         g_sq += gs.norm(dim=1).double().square()
         t_sq += ts.norm(dim=1).double().square()
-    g_scale, t_scale = g_scale.double(), t_scale.double()
-    dot = dot * g_scale[:, None] * t_scale[None, :]  # (G, Q)
-    return dot, g_sq.sqrt() * g_scale, t_sq.sqrt() * t_scale
+    return _ScaledTerms(dot, g_sq.sqrt(), t_sq.sqrt(), g_scale.double(), t_scale.double())
+
+
+def alignment_terms(
+    grads: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G, Q) inner products, (G,) and (Q,) norms of ``grads`` (G, D) and ``targets`` (Q, D).
+
+    The one scoring kernel: rows are scaled to unit max-magnitude before multiplying and the
+    results are float64, so any finite float32 input gives finite terms (float64 inputs beyond
+    about 1e+-150 may not: [`cosine`][gradalign.scoring.cosine] never unscales them). Cosine is
+    ``dot / (grad_norm * target_norm)``; the paper's inner product is ``dot / target_norm``.
+    """
+    t = _scaled_terms(grads, targets)
+    dot = t.dot * t.grad_scale[:, None] * t.target_scale[None, :]  # (G, Q)
+    return dot, t.grad_norm * t.grad_scale, t.target_norm * t.target_scale
 
 
 def cosine_from_terms(
@@ -165,7 +193,10 @@ def cosine(grads: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     _check_pair("cosine", grads, target)
     t2 = target[None] if target.dim() == 1 else target  # (Q, D)
-    out = cosine_from_terms(*alignment_terms(grads, t2))  # (G, Q)
+    # The scales cancel: cosine of the scaled rows, never of unscaled terms that a float64
+    # input of 1e-200 or 1e200 would underflow or overflow.
+    terms = _scaled_terms(grads, t2)
+    out = cosine_from_terms(terms.dot, terms.grad_norm, terms.target_norm)  # (G, Q)
     return out.squeeze(1) if target.dim() == 1 else out
 
 
@@ -193,8 +224,12 @@ def inner_product(
     """
     _check_pair("inner_product", grads, target)
     t2 = target[None] if target.dim() == 1 else target  # (Q, D)
-    dot, _, t_norm = alignment_terms(grads, t2)  # (G, Q), _, (Q,)
-    out = unit_target_product(dot, t_norm) if normalize_target else dot.float()
+    terms = _scaled_terms(grads, t2)
+    dot = terms.dot * terms.grad_scale[:, None]  # (G, Q) <g, t_scaled>
+    if normalize_target:  # the target's scale cancels: never unscaled, never under/overflowed
+        out = unit_target_product(dot, terms.target_norm)
+    else:
+        out = (dot * terms.target_scale[None, :]).float()
     out = _finite32("inner_product", out)
     return out.squeeze(1) if target.dim() == 1 else out
 

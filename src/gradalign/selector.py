@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gradalign import distributed as _dist
-from gradalign._calls import api_call
+from gradalign._calls import api_call, current_call
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor
 from gradalign.extractors.full import FullGradient
@@ -54,6 +54,14 @@ class Targets(NamedTuple):
     Attributes:
         directions: (Q, D) float32 target gradients, one row per validation task.
         labels: the task label of each row.
+
+    Examples:
+        >>> selector = GradAlign(FactorizedGradient(8, 8), policy=policies.TopK(1))
+        >>> targets = selector.targets(model, rollouts.select_groups([0, 1]))
+        >>> tuple(targets.directions.shape), targets.labels
+        ((1, 1008), (0,))
+        >>> selector.select(model, rollouts.select_groups([2, 3]), targets).ids.tolist()
+        [3]
     """
 
     directions: torch.Tensor
@@ -415,6 +423,7 @@ class GradAlign:
         """
         if (driver := self.driver()) is not None:
             return Targets(*driver.targets(model, validation, tasks=tasks, progress=progress))
+        check_rollouts("validation", validation)
         check_tasks(tasks, validation)
         acc = self.target_state(model, validation, tasks=tasks, progress=progress)
         return Targets(*self.check_targets(acc.result(), tuple(acc.labels or (0,)), tasks))
@@ -466,6 +475,9 @@ class GradAlign:
         """
         if (driver := self.driver()) is not None:
             return driver.alignment(model, candidates, validation, tasks=tasks, progress=progress)
+        check_rollouts("candidates", candidates)
+        if not isinstance(validation, Targets):
+            check_rollouts("validation", validation, " or the Targets of GradAlign.targets")
         warn_shared_ids(candidates, validation)
         target, labels = self.resolve_targets(model, validation, tasks=tasks, progress=progress)
         rows = self.candidate_rows(model, candidates, target, progress=progress)
@@ -506,6 +518,20 @@ class GradAlign:
         ids = _check_selected(self.policy, self.policy(table), table)
         scores = None if table.scores is None else table.scores[table.positions(ids)]
         return Selection(ids=ids, scores=scores, candidates=table)
+
+
+def check_rollouts(what: str, value: Any, alternative: str = "") -> None:
+    """A single-process call needs ``what`` as Rollouts (or ``alternative``): None stands for a
+    rank without any, which only several processes (torch.distributed) can make up for."""
+    if isinstance(value, Rollouts):
+        return
+    got = type(value).__name__
+    if value is None:
+        got = "None (only a rank without any passes None, when torch.distributed runs several)"
+    raise GradAlignError(
+        f"{current_call('GradAlign.alignment')}: {what} must be a gradalign.Rollouts"
+        f"{alternative}, got {got}"
+    )
 
 
 def check_tasks(tasks: Any, validation: Rollouts | None) -> None:

@@ -97,7 +97,8 @@ def group_stats(group_ids: torch.Tensor, rewards: torch.Tensor) -> GroupStats:
         [`GroupStats`][gradalign.stats.GroupStats] over the sorted unique ids.
 
     Examples:
-        >>> st = group_stats(torch.tensor([0, 0, 1, 1]), torch.tensor([3e19, -3e19, 2.0, 2.0]))
+        >>> rewards = torch.tensor([3e19, -3e19, 2.0, 2.0], dtype=torch.float64)
+        >>> st = group_stats(torch.tensor([0, 0, 1, 1]), rewards)
         >>> st.std.tolist(), st.spread.tolist()
         ([3e+19, 0.0], [6e+19, 0.0])
     """

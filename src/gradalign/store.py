@@ -4,8 +4,10 @@ Implementations: [`GradientStore`][gradalign.store.GradientStore]. A store is a 
 
 - ``grads.bin``: a raw row-major (rows, D) array (float32 or float16);
 - ``index.json``: the committed rows (group id, sequences, tokens, zero-spread flag, a CRC-32 of
-  the row's bytes and a digest of the group's rollouts), D, dtype, segments, and fingerprints of
-  the extractor and objective settings (tensors by value) and of the model's weights;
+  the row's bytes and a digest of the group's rollouts), D, dtype, segments, fingerprints of
+  the extractor and objective settings (tensors by value) and of the model's weights, the batch
+  statistics the objective's weights depend on (``scale_rewards="batch"``: the pool's reward
+  std), and a SHA-256 checksum of all of it;
 - ``writer.lock``: held (``flock``) by the one process that may write.
 
 [`GradientStore.extract`][gradalign.store.GradientStore.extract] takes the lock, streams the pool through ``extractor.iter_groups``
@@ -15,9 +17,10 @@ interrupted chunk and are overwritten; a rerun skips every committed group. Chun
 of the extractor (``group_packs``: the groups that share its passes), so the stored numbers do not
 depend on ``group_chunk`` or on interruptions.
 
-Nothing damaged is ever returned: opening a store checks the data file against the index (a file
-shorter than the committed rows is refused), [`load`][gradalign.store.GradientStore.load] checks every row's CRC, and
-[`GradientStore.repair`][gradalign.store.GradientStore.repair] drops the rows that fail so the next extract computes them again.
+Nothing damaged is ever returned: opening a store checks the index's checksum and the data file
+against the index (a file shorter than the committed rows is refused), [`load`][gradalign.store.GradientStore.load] checks every
+row's CRC, and [`GradientStore.repair`][gradalign.store.GradientStore.repair] drops the rows that fail so the next extract computes them
+again. Rows prepared with other batch statistics are never mixed into one store.
 
 Shape glossary: G groups, D gradient dimension.
 """
@@ -40,8 +43,11 @@ from gradalign._store_io import (
     COLUMNS,
     DATA,
     DTYPES,
+    batch_record,
+    check_batch,
     damaged,
     dtype_name,
+    finish_repair,
     read_index,
     repair_store,
     write_index,
@@ -206,6 +212,12 @@ class GradientStore:
             )
         self._index["fingerprint"] = fingerprint
 
+    def _check_batch(self, objective: Objective, rollouts: Rollouts) -> None:
+        """The pool's batch statistics must be those the stored rows were prepared with."""
+        record = batch_record(objective, rollouts)
+        check_batch(self.path, self._index, record)
+        self._index["batch"] = record
+
     def _check_content(self, digests: dict[int, str]) -> None:
         """Committed groups that reappear must have the same rollouts (tokens, rewards, ...)."""
         stored = dict(zip(self._index["group_ids"], self._index["content"], strict=True))
@@ -246,7 +258,9 @@ class GradientStore:
 
         Raises:
             GradAlignError: If another process is writing the store, the settings, model or a
-                stored group's rollouts differ from the store's, or the store is damaged.
+                stored group's rollouts differ from the store's, the objective depends on batch
+                statistics (e.g. ``scale_rewards="batch"``) and ``rollouts`` has other ones than
+                the pool the stored rows were prepared with, or the store is damaged.
         """
         call = "GradientStore.extract"
         if chunk_groups is not None:
@@ -261,8 +275,10 @@ class GradientStore:
         objective = GRPOObjective() if objective is None else objective
         prepared = prepare_weights(call, objective, rollouts)  # once, for the whole pool
         with writer_lock(self.path, call):
+            finish_repair(self.path)  # a crashed repair's journal says which rows are intact
             self._reload()  # another writer may have committed since this object was opened
             self._check_fingerprint(extractor, objective, model)
+            self._check_batch(objective, rollouts)
             digests = group_digests(rollouts)
             self._check_content(digests)
             chunks = self._todo(extractor, rollouts, prepared, group_chunk)
@@ -361,10 +377,15 @@ class GradientStore:
         """(G, D) stored rows, each checked against its CRC-32."""
         assert self.dim is not None
         self._check_size()
-        data = np.memmap(self.path / DATA, dtype=DTYPES[self.dtype], mode="r")
-        table = data[: len(self) * self.dim].reshape(len(self), self.dim)
+        shape = (len(self), self.dim)
+        try:
+            # Map the committed rows only: bytes past them (an interrupted chunk's partial write)
+            # are leftovers the next extract overwrites, not part of the store.
+            table = np.memmap(self.path / DATA, dtype=DTYPES[self.dtype], mode="r", shape=shape)
+        except (OSError, ValueError) as err:  # e.g. the file shrank since _check_size
+            raise damaged(self.path, f"{DATA} cannot be read as {shape} rows ({err})") from None
         out = np.array(table[rows.numpy()])  # (G, D)
-        del data, table
+        del table
         crcs = self._index["crc32"]
         bad = [
             int(r)
@@ -421,5 +442,15 @@ class GradientStore:
         the index and the good rows are rewritten contiguously; the next [`extract`][gradalign.store.GradientStore.extract] computes
         the dropped groups again (without the pack-mates they first ran with, so they may differ
         from the lost rows in the last float bits). Takes the writer lock.
+
+        Crash-safe: the new files are written beside the old ones and renamed in only once a
+        journal is on disk, so a repair interrupted at any point is finished (or undone) by the
+        next repair or extract, and an intact row is never dropped. An ``index.json`` that fails
+        its own checksum cannot say which group a row belongs to: its files are moved to
+        ``*.rejected`` and every group is returned (the next extract computes them again).
+
+        Raises:
+            GradAlignError: If no committed row matches the data file (e.g. a hand-edited
+                ``dim``): nothing is changed then, since dropping every row would destroy data.
         """
         return repair_store(Path(path))

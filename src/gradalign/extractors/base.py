@@ -14,12 +14,13 @@ import contextlib
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from gradalign._calls import current_call
 from gradalign.errors import GradAlignError
 from gradalign.objective import Objective, TokenWeights
 from gradalign.rollouts import Rollouts
@@ -55,6 +56,10 @@ class GroupGradients:
             unless a KL term is on).
         segments: which columns belong to which module or parameter (empty when projected jointly).
 
+    Every row must be finite: a NaN or inf row raises a GradAlignError naming its group ids, so no
+    broken gradient ever turns into a score. ``call`` (not stored) is the public call that
+    produced the rows, for that message.
+
     Examples:
         >>> import torch, gradalign as ga
         >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
@@ -72,8 +77,9 @@ class GroupGradients:
     num_tokens: torch.Tensor
     zero_spread: torch.Tensor
     segments: tuple[Segment, ...] = ()
+    call: InitVar[str] = "GroupGradients"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, call: str) -> None:
         g = int(self.group_ids.numel())
         if self.grads.dim() != 2 or self.grads.shape[0] != g:
             raise GradAlignError(
@@ -85,6 +91,7 @@ class GroupGradients:
                 raise GradAlignError(
                     f"GroupGradients: {name} must have shape ({g},), got {tuple(value.shape)}"
                 )
+        check_finite_rows(call, self.group_ids, self.grads)
 
     def __len__(self) -> int:
         return int(self.group_ids.numel())
@@ -128,25 +135,65 @@ class GroupGradients:
         )
 
 
+def check_finite_rows(call: str, group_ids: torch.Tensor, grads: torch.Tensor) -> None:
+    """Raise a GradAlignError naming the groups whose (G, D) gradient rows hold NaN or inf.
+
+    Every extractor's rows pass through [`GroupGradients`][gradalign.extractors.base.GroupGradients], so this is the one check
+    between a broken forward or backward and the scorers, which would otherwise score a NaN row 0.
+    """
+    if not grads.is_floating_point() or grads.numel() == 0:
+        return
+    low, high = torch.aminmax(grads, dim=1)  # (G,), (G,): NaN and inf survive both reductions
+    bad = ~(torch.isfinite(low) & torch.isfinite(high))
+    if not bool(bad.any()):
+        return
+    ids = group_ids.reshape(-1)[bad.to(group_ids.device)].tolist()
+    where = current_call(call)
+    source = "" if where == call else f" (from {call})"
+    raise GradAlignError(
+        f"{where}: group gradients must be finite, got NaN or inf in {len(ids)} of {len(bad)} "
+        f"groups, ids {ids[:10]}{' ...' if len(ids) > 10 else ''}{source}. Likely causes: a "
+        "NaN or inf weight in the model, float16 logits or activations that overflow (run the "
+        "model in bfloat16 or float32), or token weights too large to differentiate (e.g. huge "
+        "rewards with GRPOObjective(scale_rewards='none'))"
+    )
+
+
 @contextlib.contextmanager
-def extraction_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Iterator[None]:
+def extraction_mode(
+    model: nn.Module, grad_params: Iterable[nn.Parameter], *, call: str = "extraction_mode"
+) -> Iterator[None]:
     """Eval mode and requires_grad only on ``grad_params``; restores both exactly on exit.
 
-    ``.grad`` is never touched by the extractors (they use ``torch.autograd.grad``).
+    ``.grad`` is never touched by the extractors (they use ``torch.autograd.grad``). A caller's
+    ``torch.inference_mode()`` is left for the block, since extraction must record autograd:
+    that is sound because tensors made under inference mode (rollouts, token weights) are only
+    read there, and what is written or differentiated is made inside the block. Parameters made
+    under inference mode cannot be differentiated: a GradAlignError says so.
     """
+    frozen = [name for name, p in model.named_parameters() if p.is_inference()]
+    if frozen:
+        raise GradAlignError(
+            f"{call}: the model's parameters must be normal tensors, got inference tensors "
+            f"{frozen[:3]} (the model was created or loaded under torch.inference_mode()); "
+            "create or load it outside inference_mode"
+        )
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     wanted = {id(p) for p in grad_params}
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(id(p) in wanted)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
+    # Only inside inference mode: inference_mode(False) also turns grad mode on.
+    inside = torch.is_inference_mode_enabled()
+    with torch.inference_mode(False) if inside else contextlib.nullcontext():
+        try:
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(id(p) in wanted)
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for m, training in modes:
+                m.training = training
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -39,6 +39,7 @@ from gradalign._modules import TargetModules, check_target_modules, match_module
 from gradalign._validate import check_choice, check_int, check_seed
 from gradalign.errors import GradAlignError
 from gradalign.extractors._hooks import Recorder as _Recorder
+from gradalign.extractors._hooks import _Site
 from gradalign.extractors._hooks import build_sites as _build_sites
 from gradalign.extractors._hooks import hooked as _hooked
 from gradalign.extractors.base import (
@@ -106,6 +107,39 @@ def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torc
         # Not autograd.grad: reentrant checkpointing only supports a plain backward. Nothing but
         # the embedding-output leaves requires grad, so no parameter's .grad is touched.
         loss.backward()
+
+
+def _run_chunk(
+    job: _Job,
+    sites: list[_Site],
+    head: set[int],
+    shape: tuple[int, int],
+    rows: torch.Tensor,
+    local: torch.Tensor,
+    batch_size: int,
+    counter: GroupCounter,
+) -> tuple[torch.Tensor, int]:
+    """The (Gc, D) rows of one chunk and how many of its groups ran (the rest have no rows).
+
+    Args:
+        shape: (Gc, D) of the chunk's rows.
+        rows: (S_c,) rollout rows of the chunk, grouped, groups ascending.
+        local: (S_c,) chunk-local group of each row.
+    """
+    done = 0  # groups of the chunk finished so far
+    with extraction_mode(job.model, [], call=job.call):
+        # Made inside extraction mode: the hooks add into it in place, which a tensor made under
+        # a caller's inference_mode() would refuse.
+        buffer = torch.zeros(shape, dtype=torch.float32, device=model_device(job.model))  # (Gc, D)
+        recorder = _Recorder(sites, head, buffer)
+        with _hooked(job.model, recorder, job.call):
+            for mb in pack_groups(local, batch_size):
+                _micro_batch(job, recorder, rows[mb], local[mb])
+                last = int(local[mb.stop - 1])
+                ends = mb.stop == len(local) or int(local[mb.stop]) != last
+                counter.update(last + int(ends) - done)
+                done = last + int(ends)
+    return buffer, done
 
 
 def _active_rows(
@@ -186,17 +220,10 @@ def factorized_chunks(
         rows = torch.cat(by_group[lo:hi])  # (S_c,) grouped, groups ascending
         rows = rows[active[rows].to(rows.device)]
         local = rollouts.group_index[rows] - lo  # (S_c,)
-        buffer = torch.zeros(hi - lo, dim, dtype=torch.float32, device=model_device(model))
-        recorder = _Recorder(sites, head, buffer)
-        done = 0  # groups of the chunk finished so far
         try:
-            with extraction_mode(model, []), _hooked(model, recorder, call):
-                for mb in pack_groups(local, batch_size):
-                    _micro_batch(job, recorder, rows[mb], local[mb])
-                    last = int(local[mb.stop - 1])
-                    ends = mb.stop == len(local) or int(local[mb.stop]) != last
-                    counter.update(last + int(ends) - done)
-                    done = last + int(ends)
+            buffer, done = _run_chunk(
+                job, sites, head, (hi - lo, dim), rows, local, batch_size, counter
+            )
         except BaseException:
             counter.close()
             raise
@@ -210,6 +237,7 @@ def factorized_chunks(
             num_tokens=tokens[lo:hi],
             zero_spread=zero_spread[lo:hi],
             segments=segments,
+            call=call,
         )
 
 

@@ -38,7 +38,7 @@ from gradalign.extractors.base import (
     model_device,
 )
 from gradalign.objective import Objective, TokenWeights, prepare_weights
-from gradalign.projection import DEFAULT_KIND, Projector
+from gradalign.projection import DEFAULT_KIND, ProjectionSum, Projector
 from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FullGradient", "RandomProjectedGradient"]
@@ -110,6 +110,38 @@ def _group_gradient(
             loss = -(weights.to(logp.device) * logp).sum()
             # The hooks take every gradient; what autograd returns is zero-stride zeros.
             torch.autograd.grad(loss, params, allow_unused=True)
+
+
+class _FiniteSum:
+    """A projection sum that turns a NaN or inf gradient into a NaN row instead of an error.
+
+    The projection refuses a NaN or inf projection (of a non-finite gradient, or one so large that
+    its projection overflows) without knowing the group; a NaN row reaches
+    [`GroupGradients`][gradalign.extractors.base.GroupGradients], whose one finiteness check names the
+    groups and the likely cause, as for every other extractor. The extractor fixes every other
+    input of the accumulator (names, shapes), so that refusal is its only possible error.
+    """
+
+    def __init__(self, acc: ProjectionSum) -> None:
+        self._acc = acc
+        self._broken = False
+
+    def add(self, x: torch.Tensor, *, name: str) -> None:
+        if self._broken:
+            return
+        try:
+            self._acc.add(x, name=name)
+        except GradAlignError:
+            self._broken = True
+
+    def result(self) -> torch.Tensor:
+        """(1, K) projected row; all NaN when a gradient was not finite."""
+        if not self._broken:
+            try:
+                return self._acc.result()
+            except GradAlignError:
+                pass
+        return torch.full((1, self._acc.projector.dim), float("nan"), device=self._acc.device)
 
 
 @dataclass
@@ -220,13 +252,10 @@ class FullGradient(GradientExtractor):
         gradient in flight and the activations of one micro-batch); nothing is concatenated.
         """
         named, prepared = self._prepare(model, rollouts, objective)
-        dim = self._row_dim(named)
-        buffer = torch.zeros(rollouts.num_groups, dim, device=model_device(model))  # (G, D)
-        counter = GroupCounter(
-            enabled=progress, total=rollouts.num_groups, desc=type(self).__name__
-        )
+        total = rollouts.num_groups
+        counter = GroupCounter(enabled=progress, total=total, desc=type(self).__name__)
         try:
-            return self._fill(model, rollouts, prepared, named, 0, buffer, counter)
+            return self._fill(model, rollouts, prepared, named, range(0, total), counter)
         finally:
             counter.close()
 
@@ -262,11 +291,10 @@ class FullGradient(GradientExtractor):
         chunk = self.group_chunk or max(1, CHUNK_BYTES // (4 * max(1, dim)))
         total = rollouts.num_groups
         counter = GroupCounter(enabled=progress, total=total, desc=type(self).__name__)
-        device = model_device(model)
         try:
             for lo in range(0, total, chunk):
-                buffer = torch.zeros(min(total, lo + chunk) - lo, dim, device=device)  # (Gc, D)
-                yield self._fill(model, rollouts, prepared, named, lo, buffer, counter)
+                groups = range(lo, min(total, lo + chunk))
+                yield self._fill(model, rollouts, prepared, named, groups, counter)
         finally:
             counter.close()
 
@@ -276,19 +304,23 @@ class FullGradient(GradientExtractor):
         rollouts: Rollouts,
         prepared: TokenWeights,
         named: list[tuple[str, nn.Parameter]],
-        lo: int,
-        buffer: torch.Tensor,
+        groups: range,
         counter: GroupCounter,
     ) -> GroupGradients:
-        """Rows of groups ``lo .. lo + len(buffer)`` written into ``buffer`` (zeros)."""
+        """Rows of the groups at positions ``groups`` (ascending ids), one preallocated buffer."""
         params = [p for _, p in named]
         segments = self._segments(named)
-        hi = lo + buffer.shape[0]
+        lo, hi = groups.start, groups.stop
         all_rows = group_rows(rollouts)
-        with extraction_mode(model, params):
+        call = f"{type(self).__name__}.per_group"
+        with extraction_mode(model, params, call=call):
+            # Made inside extraction mode: rows are written in place, which a tensor made
+            # under a caller's inference_mode() would refuse.
+            dim = self._row_dim(named)
+            buffer = torch.zeros(len(groups), dim, device=model_device(model))  # (Gc, D)
             sink = _Sink(params)
             try:
-                for g in range(lo, hi):
+                for g in groups:
                     args = (model, rollouts, prepared, all_rows[g], named, sink, buffer[g - lo])
                     if self.projection is None:
                         self._exact_row(*args, segments)
@@ -305,6 +337,7 @@ class FullGradient(GradientExtractor):
             num_tokens=tokens[lo:hi],
             zero_spread=prepared.zero_spread(rollouts).cpu()[lo:hi],
             segments=segments if self.projection is None else (),
+            call=call,
         )
 
     def _backward(
@@ -371,7 +404,7 @@ class FullGradient(GradientExtractor):
         micro-batches of the group follow, and project it once.
         """
         assert self.projection is not None
-        acc = self.projection.accumulator(device=row.device)
+        acc = _FiniteSum(self.projection.accumulator(device=row.device))
         pending: dict[int, torch.Tensor] = {}
         streamed = self.projection.kind == "sjlt"
 

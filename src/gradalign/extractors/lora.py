@@ -201,4 +201,5 @@ class LoRAGradient(GradientExtractor):
             num_sequences=part.num_sequences,
             num_tokens=part.num_tokens,
             zero_spread=part.zero_spread,
+            call=f"{type(self).__name__}.per_group",
         )

@@ -117,7 +117,9 @@ class StreamingSelectionSampler(SelectionSampler):
     every selected problem is served once per pass. Before any record the sampler serves
     ``initial_ids``, else the whole pool.
 
-    The sampler has no length: a Trainer given it needs ``max_steps``.
+    The sampler has no length: a Trainer given it needs ``max_steps``. Its position (the block
+    in hand, down to the index) is in ``state_dict()``; ``load_state_dict()``, after the
+    curriculum's own, resumes the stream where it stopped.
 
     Args:
         source: a [`Curriculum`][gradalign.curriculum.Curriculum] or any [`SelectionSource`][gradalign.sampler.SelectionSource].

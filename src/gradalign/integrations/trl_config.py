@@ -8,6 +8,7 @@ Implementations: [`objective_from_config`][gradalign.integrations.trl_config.obj
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from gradalign.errors import GradAlignError
@@ -57,8 +58,9 @@ def objective_from_config(args: Any, *, include_kl: bool = False) -> GRPOObjecti
         include_kl: map ``beta`` to ``kl_coef`` (default: ``kl_coef=0``).
 
     Raises:
-        GradAlignError: an unknown ``loss_type`` or ``scale_rewards``, or "dr_grpo" without a
-            ``max_completion_length``.
+        GradAlignError: an unknown ``loss_type`` or ``scale_rewards``, "dr_grpo" without a
+            ``max_completion_length``, or an ``epsilon``, ``epsilon_high`` (unless None) or
+            ``beta`` (with ``include_kl``) that is not a real number.
 
     Examples:
         >>> from types import SimpleNamespace
@@ -94,8 +96,20 @@ def objective_from_config(args: Any, *, include_kl: bool = False) -> GRPOObjecti
         scale_rewards=scale,
         loss_agg=loss_agg,
         eps=_TRL_STD_EPS,
-        clip_low=float(getattr(args, "epsilon", 0.2)),
-        clip_high=None if epsilon_high is None else float(epsilon_high),
-        kl_coef=float(getattr(args, "beta", 0.0)) if include_kl else 0.0,
+        clip_low=_real(args, "epsilon", 0.2),
+        clip_high=None if epsilon_high is None else _real(args, "epsilon_high", None),
+        kl_coef=_real(args, "beta", 0.0) if include_kl else 0.0,
         max_response_length=max_length,
     )
+
+
+def _real(args: Any, name: str, default: float | None) -> float:
+    """``args.<name>`` as a float; a GradAlignError for None, text or bool (``float()`` would
+    raise a TypeError for None and quietly take "0.2" or True)."""
+    value = getattr(args, name, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise GradAlignError(
+            f"objective_from_config: {name} must be a real number, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return float(value)
