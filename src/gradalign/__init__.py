@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from gradalign import policies
 from gradalign._forward import response_logprobs
+from gradalign.alignment import Alignment, Selection, Targets
 from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum, ProblemStats
 from gradalign.diagnostics import ScoreBreakdown, score_breakdown, segment_norms
@@ -31,7 +32,7 @@ from gradalign.rollouts import ProblemIds, Rollouts
 from gradalign.rounds import Informative, Round, fill_round
 from gradalign.sampler import SelectionSampler
 from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
-from gradalign.selector import Alignment, GradAlign, Selection, Targets
+from gradalign.selector import GradAlign
 from gradalign.store import GradientStore
 from gradalign.token_weights import BatchStats, TokenWeights
 

@@ -86,7 +86,7 @@ class ProblemStats:
 
 @runtime_checkable
 class HasIds(Protocol):
-    """What [`Curriculum.record`][gradalign.curriculum.Curriculum.record] reads: a [`Selection`][gradalign.selector.Selection] or
+    """What [`Curriculum.record`][gradalign.curriculum.Curriculum.record] reads: a [`Selection`][gradalign.alignment.Selection] or
     [`Candidates`][gradalign.candidates.Candidates] (``ids``; optional ``scores``, ``accuracy``, ``candidates``)."""
 
     @property

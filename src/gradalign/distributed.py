@@ -1,15 +1,19 @@
 """Selection over several processes: each rank scores its shard of groups, all ranks agree.
 
 Implementations: [`Distributed`][gradalign.distributed.Distributed] (which process group, how long to wait for a late rank),
-[`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] (the driver), [`resolve`][gradalign.distributed.resolve] (``GradAlign(distributed=...)`` to a
+[`TorchDistributed`][gradalign.distributed.TorchDistributed] (the
+[`Communicator`][gradalign.communicator.Communicator] that ``GradAlign`` uses over the ranks),
+[`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] (a ``GradAlign`` pinned to a group), [`resolve`][gradalign.distributed.resolve] (``GradAlign(distributed=...)`` to a
 [`Distributed`][gradalign.distributed.Distributed] or None), [`is_distributed`][gradalign.distributed.is_distributed], [`barrier`][gradalign.distributed.barrier] (a monitored barrier that
-names the ranks that did not arrive), [`all_reduce_batch_stats`][gradalign.distributed.all_reduce_batch_stats],
+names the ranks that did not arrive), [`fingerprint`][gradalign.distributed.fingerprint] and the collectives
+[`all_reduce_batch_stats`][gradalign.distributed.all_reduce_batch_stats],
 [`all_reduce_target_state`][gradalign.distributed.all_reduce_target_state] (sums the target accumulators of all ranks), [`all_gather_rows`][gradalign.distributed.all_gather_rows]
 and [`all_gather_alignment`][gradalign.distributed.all_gather_alignment] (variable-size per-rank rows merged by group id) and
 [`all_reduce_max`][gradalign.distributed.all_reduce_max].
 
-[`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] drives a single-process [`GradAlign`][gradalign.selector.GradAlign] over the ranks
-(``GradAlign(distributed="auto")`` hands its calls to it when ``torch.distributed`` is initialized
+[`GradAlign`][gradalign.selector.GradAlign] runs its one pipeline through
+[`TorchDistributed`][gradalign.distributed.TorchDistributed] when ``distributed`` resolves to a
+group of several ranks (``"auto"``, the default, does when ``torch.distributed`` is initialized
 with more than one rank): every rank passes its own shard of candidate and validation groups (group
 ids unique across ranks; a rank without a shard passes None). Batch statistics are all-reduced
 first, so each shard is weighted as in the whole batch (``scale_rewards="batch"`` included).
@@ -36,6 +40,7 @@ Shape glossary: G candidate groups (G_r on rank r), Q targets, D gradient dimens
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
@@ -47,19 +52,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradalign._calls import api_call, current_call
+from gradalign._calls import current_call
+from gradalign.alignment import Alignment
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 from gradalign.objective import BatchStats
 from gradalign.rollouts import Rollouts
-from gradalign.scoring import TargetAccumulator
+from gradalign.scoring import row_norms
 
 if TYPE_CHECKING:
-    from gradalign.selector import Alignment, GradAlign, Selection
+    from gradalign.selector import GradAlign
 
 __all__ = [
     "Distributed",
     "DistributedGradAlign",
+    "TorchDistributed",
     "all_gather_alignment",
     "all_gather_candidates",
     "all_gather_rows",
@@ -462,17 +469,80 @@ def check_same_fingerprint(per_rank: list[dict[str, str]]) -> None:
         )
 
 
+class TorchDistributed:
+    """The [`Communicator`][gradalign.communicator.Communicator] over a ``torch.distributed`` group.
+
+    Every rank passes its own shard (group ids unique across ranks; None for a rank without one).
+    Batch statistics and target sums are all-reduced, candidate rows and tables all-gathered and
+    sorted by id; before each collective a monitored barrier waits at most ``settings.timeout``.
+
+    Args:
+        settings: the process group and timeout.
+    """
+
+    sharded = True
+
+    def __init__(self, settings: Distributed) -> None:
+        self.settings = settings
+
+    def check_same(self, selector: GradAlign, model: nn.Module) -> None:
+        per_rank = _gather_objects(
+            "the comparison of settings", fingerprint(selector, model), self.settings
+        )
+        check_same_fingerprint(per_rank)
+
+    def batch_stats(self, rollouts: Rollouts | None, what: str) -> BatchStats | None:
+        local = None if rollouts is None else BatchStats.of(rollouts)
+        return all_reduce_batch_stats(
+            local, self.settings, phase=f"the exchange of {what} statistics"
+        )
+
+    def reduce_target(
+        self,
+        sums: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        group_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return all_reduce_target_state(sums, weights, self.settings, group_ids=group_ids)
+
+    def gather_alignment(
+        self,
+        local: Alignment | None,
+        *,
+        target: torch.Tensor,
+        labels: tuple[Any, ...],
+        aggregate: str,
+    ) -> Alignment:
+        ids, dot, norm, spread, grads = all_gather_alignment(
+            None if local is None else local.ids,
+            None if local is None else local.dot,
+            None if local is None else local.grad_norm,
+            None if local is None else local.zero_spread,
+            self.settings,
+            grads=None if local is None else local.grads,
+        )
+        return Alignment(
+            ids=ids,
+            dot=dot,
+            grad_norm=norm,
+            target_norm=row_norms(target),
+            zero_spread=spread,
+            task_labels=labels,
+            grads=grads,
+            aggregate=aggregate,
+        )
+
+    def gather_candidates(self, rollouts: Rollouts | None) -> Candidates:
+        return all_gather_candidates(rollouts, self.settings)
+
+
 class DistributedGradAlign:
-    """[`GradAlign`][gradalign.selector.GradAlign] over the ranks of a process group: same selection, sharded work.
+    """A [`GradAlign`][gradalign.selector.GradAlign] bound to a process group: a thin alias.
 
-    Every rank calls the same method with its own shard of candidate and validation groups (group
-    ids unique across ranks; None for a rank without one). The driver uses the selector's
-    single-process seams for each rank's share and combines them: batch statistics and target sums
-    are all-reduced, candidate rows and pass rates all-gathered, and the (deterministic) policy runs
-    on every rank over the whole table, so every rank returns the single-process selection.
-
-    ``GradAlign(distributed="auto")`` (the default) hands its calls to this driver when
-    ``torch.distributed`` is initialized with several ranks.
+    ``GradAlign(distributed="auto")`` (the default) already runs over every rank when
+    ``torch.distributed`` is initialized with several; this alias pins the group and timeout
+    (``GradAlign(..., distributed=Distributed(group, timeout))`` does the same) and refuses to
+    start without an initialized process group. Every method is the selector's, on a copy of it.
 
     Args:
         selector: the settings: extractor, objective, scorer, policy, target.
@@ -488,125 +558,15 @@ class DistributedGradAlign:
     """
 
     def __init__(self, selector: GradAlign, settings: Distributed | None = None) -> None:
-        self.selector = selector
-        self.settings = Distributed() if settings is None else settings
-        self._depth = 0  # nesting of public calls: the fingerprint is checked by the outermost
         if not (dist.is_available() and dist.is_initialized()):
             raise GradAlignError(
                 "DistributedGradAlign: torch.distributed is not initialized; call "
                 "torch.distributed.init_process_group first"
             )
+        self.settings = Distributed() if settings is None else settings
+        self.selector = copy.copy(selector)
+        self.selector.distributed = self.settings
 
-    @contextlib.contextmanager
-    def _call(self, model: nn.Module) -> Iterator[None]:
-        """The outermost public call first compares every rank's fingerprint (one all-gather)."""
-        if self._depth == 0:
-            mine = fingerprint(self.selector, model)
-            per_rank = _gather_objects("the comparison of settings", mine, self.settings)
-            check_same_fingerprint(per_rank)
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-
-    def _stats(self, rollouts: Rollouts | None, what: str) -> BatchStats | None:
-        local = None if rollouts is None else BatchStats.of(rollouts)
-        return all_reduce_batch_stats(
-            local, self.settings, phase=f"the exchange of {what} statistics"
-        )
-
-    @api_call("GradAlign.targets")
-    def targets(
-        self,
-        model: nn.Module,
-        validation: Rollouts | None,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
-        """(Q, D) targets from every rank's validation shard: all ranks get the same."""
-        from gradalign.selector import check_tasks
-
-        with self._call(model):
-            sel = self.selector
-            check_tasks(tasks, None)  # a label's groups may live on another rank
-            stats = self._stats(validation, "validation")
-            acc = TargetAccumulator(sel.target, sel.objective, tasks)
-            sums = weights = ids = None
-            if validation is not None:
-                acc = sel.target_state(
-                    model, validation, tasks=tasks, stats=stats, progress=progress
-                )
-                (sums, weights), ids = acc.state(), validation.unique_groups
-            sums, weights = all_reduce_target_state(sums, weights, self.settings, group_ids=ids)
-            target = acc.result(sums, weights)  # (Q, D)
-            return sel.check_targets(target, tuple(acc.labels or (0,)), tasks)
-
-    @api_call("GradAlign.alignment")
-    def alignment(
-        self,
-        model: nn.Module,
-        candidates: Rollouts | None,
-        validation: Any,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> Alignment:
-        """Every rank's candidates against the shared targets, gathered and sorted by id."""
-        from gradalign.selector import CandidateRows, Targets, warn_shared_ids
-
-        with self._call(model):
-            warn_shared_ids(candidates, validation)
-            if isinstance(validation, Targets):
-                target, labels = self.selector.resolve_targets(
-                    model, validation, tasks=tasks, progress=progress
-                )
-            else:
-                target, labels = self.targets(model, validation, tasks=tasks, progress=progress)
-            stats = self._stats(candidates, "candidate")
-            local = None
-            if candidates is not None:
-                local = self.selector.candidate_rows(
-                    model, candidates, target, stats=stats, progress=progress
-                )
-            ids, dot, norm, spread, grads = all_gather_alignment(
-                None if local is None else local.ids,
-                None if local is None else local.dot,
-                None if local is None else local.grad_norm,
-                None if local is None else local.zero_spread,
-                self.settings,
-                grads=None if local is None else local.grads,
-            )
-            rows = CandidateRows(ids=ids, dot=dot, grad_norm=norm, zero_spread=spread, grads=grads)
-            return self.selector.make_alignment(rows, target, labels)
-
-    @api_call("GradAlign.score")
-    def score(
-        self,
-        model: nn.Module,
-        candidates: Rollouts | None,
-        validation: Any,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> Candidates:
-        """The whole candidate table (every rank's groups) with scores: the same on every rank."""
-        with self._call(model):
-            al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
-            return self.selector.make_table(all_gather_candidates(candidates, self.settings), al)
-
-    @api_call("GradAlign.select")
-    def select(
-        self,
-        model: nn.Module,
-        candidates: Rollouts | None,
-        validation: Any,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> Selection:
-        """The single-process selection, computed from every rank's shard, on every rank."""
-        with self._call(model):
-            table = self.score(model, candidates, validation, tasks=tasks, progress=progress)
-            return self.selector.apply_policy(table)
+    def __getattr__(self, name: str) -> Any:
+        # targets, alignment, score, select, apply_policy: the bound selector's
+        return getattr(self.__dict__["selector"], name)

@@ -216,7 +216,7 @@ def fill_round(
     the rest is filled with the policy's best among the others, and ``shortfall`` says how many.
 
     Candidates are scored chunk by chunk, so a score must depend on its own group only (true of
-    GradAlign's scores against fixed [`Targets`][gradalign.selector.Targets]; not of ``scale_rewards="batch"``).
+    GradAlign's scores against fixed [`Targets`][gradalign.alignment.Targets]; not of ``scale_rewards="batch"``).
 
     Args:
         curriculum: the pool's rounds; this call starts the next round. Record the result with

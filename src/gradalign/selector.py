@@ -1,7 +1,12 @@
 """GradAlign in one call: extractor + objective + scorer + policy.
 
-Implementations: [`GradAlign`][gradalign.selector.GradAlign] (``alignment`` -> ``score`` -> ``select``), [`Alignment`][gradalign.selector.Alignment]
-(both scores from one pass over the candidates) and [`Selection`][gradalign.selector.Selection] (the result of a round).
+[`GradAlign`][gradalign.selector.GradAlign] runs one pipeline, ``targets`` -> ``alignment`` ->
+``score`` -> ``select``, producing [`Targets`][gradalign.alignment.Targets],
+[`Alignment`][gradalign.alignment.Alignment], a scored [`Candidates`][gradalign.candidates.Candidates]
+table and a [`Selection`][gradalign.alignment.Selection]. Each stage that needs the whole batch asks a
+[`Communicator`][gradalign.communicator.Communicator] to combine it: [`Local`][gradalign.communicator.Local]
+in one process, [`TorchDistributed`][gradalign.distributed.TorchDistributed] over the ranks of a
+``torch.distributed`` group (chosen by ``distributed=``). There is no second pipeline.
 
 Candidate gradients are streamed: only the (Q, D) targets and one chunk of candidate gradients sit in
 memory, so exact full-parameter scores work on models whose G x D gradients would not fit.
@@ -14,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradalign import distributed as _dist
 from gradalign._calls import api_call, current_call
+from gradalign.alignment import Alignment, Selection, Targets
+from gradalign.communicator import Communicator, Local
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor
 from gradalign.extractors.full import FullGradient
@@ -33,151 +39,12 @@ from gradalign.scoring import (
     TARGET_REDUCTIONS,
     TASK_AGGREGATIONS,
     TargetAccumulator,
-    aggregate_tasks,
     alignment_terms,
-    cosine_from_terms,
     row_norms,
-    unit_target_product,
 )
 
-__all__ = ["SCORERS", "Alignment", "CandidateRows", "GradAlign", "Selection", "Targets"]
-
-
-class Targets(NamedTuple):
-    """The target directions of one round, from [`GradAlign.targets`][gradalign.selector.GradAlign.targets].
-
-    Pass them where validation rollouts go (``select(model, candidates, targets)``) to score
-    several batches of candidates against the same targets without recomputing the validation
-    gradients, e.g. each chunk that [`fill_round`][gradalign.rounds.fill_round] draws. They belong to the model
-    they were computed on: recompute them after a training step.
-
-    Attributes:
-        directions: (Q, D) float32 target gradients, one row per validation task.
-        labels: the task label of each row.
-
-    Examples:
-        >>> selector = GradAlign(FactorizedGradient(8, 8), policy=policies.TopK(1))
-        >>> targets = selector.targets(model, rollouts.select_groups([0, 1]))
-        >>> tuple(targets.directions.shape), targets.labels
-        ((1, 1008), (0,))
-        >>> selector.select(model, rollouts.select_groups([2, 3]), targets).ids.tolist()
-        [3]
-    """
-
-    directions: torch.Tensor
-    labels: tuple[Any, ...]
-
-
-@dataclass(frozen=True, eq=False)
-class Alignment:
-    """Raw alignment statistics of every candidate group with the target(s).
-
-    Attributes:
-        ids: (G,) candidate group ids, ascending.
-        dot: (G, Q) float64 inner products with the (unnormalised) targets.
-        grad_norm: (G,) float64 norms of the candidate gradients.
-        target_norm: (Q,) float64 norms of the targets.
-        zero_spread: (G,) groups whose rewards have no spread.
-        task_labels: the label of each target.
-        grads: (G, D) candidate gradients when kept (``keep_grads=True``), else None.
-        aggregate: how per-task scores reduce to one ("max", "mean", "min").
-
-    Examples:
-        >>> import torch, gradalign as ga
-        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
-        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
-        >>> from gradalign.testing import tiny_model
-        >>> model = tiny_model()
-        >>> val = ga.Rollouts.from_token_ids([[5, 6], [5, 6]], [[9, 1], [10, 1]], [1.0, 0.0], [100, 100])
-        >>> selector = ga.GradAlign(ga.FactorizedGradient(4, 4), policy=ga.policies.TopK(1))
-        >>> al = selector.alignment(model, ro, val)
-        >>> al.ids, al.cosine.round(decimals=4), al.zero_gradient
-        (tensor([0, 1]), tensor([1., 0.]), tensor([False,  True]))
-    """
-
-    ids: torch.Tensor
-    dot: torch.Tensor
-    grad_norm: torch.Tensor
-    target_norm: torch.Tensor
-    zero_spread: torch.Tensor
-    task_labels: tuple[Any, ...]
-    grads: torch.Tensor | None = None
-    aggregate: str = "max"
-
-    @property
-    def zero_gradient(self) -> torch.Tensor:
-        """(G,) True where a candidate's gradient is exactly zero (its scores are 0)."""
-        return self.grad_norm == 0
-
-    @property
-    def task_cosine(self) -> torch.Tensor:
-        """(G, Q) float32 cosine with each target; 0 where a norm is 0."""
-        return cosine_from_terms(self.dot, self.grad_norm, self.target_norm)
-
-    @property
-    def task_inner_product(self) -> torch.Tensor:
-        """(G, Q) inner product with each unit-norm target (the paper's inner-product score)."""
-        return unit_target_product(self.dot, self.target_norm)
-
-    @property
-    def cosine(self) -> torch.Tensor:
-        """(G,) cosine scores, per-task scores reduced by ``aggregate``."""
-        return aggregate_tasks(self.task_cosine, self.aggregate)
-
-    @property
-    def inner_product(self) -> torch.Tensor:
-        """(G,) inner-product scores, per-task scores reduced by ``aggregate``."""
-        return aggregate_tasks(self.task_inner_product, self.aggregate)
-
-    def scores(self, scorer: str) -> torch.Tensor:
-        """(G,) scores of ``scorer`` ("cosine" or "inner_product")."""
-        return self.cosine if scorer == "cosine" else self.inner_product
-
-
-@dataclass(frozen=True, eq=False)
-class CandidateRows:
-    """One process's candidate rows before they become an [`Alignment`][gradalign.selector.Alignment].
-
-    Attributes:
-        ids: (G,) group ids, ascending.
-        dot: (G, Q) float64 inner products with the targets.
-        grad_norm: (G,) float64 gradient norms.
-        zero_spread: (G,) zero-spread flags.
-        grads: (G, D) gradients when kept, else None.
-    """
-
-    ids: torch.Tensor
-    dot: torch.Tensor
-    grad_norm: torch.Tensor
-    zero_spread: torch.Tensor
-    grads: torch.Tensor | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class Selection:
-    """The result of one selection round.
-
-    Attributes:
-        ids: (k,) selected group ids in rank order.
-        scores: (k,) their scores (None when the candidates carry no scores).
-        candidates: the full scored candidate table.
-
-    Examples:
-        >>> import torch, gradalign as ga
-        >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
-        ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
-        >>> from gradalign.testing import tiny_model
-        >>> model = tiny_model()
-        >>> val = ga.Rollouts.from_token_ids([[5, 6], [5, 6]], [[9, 1], [10, 1]], [1.0, 0.0], [100, 100])
-        >>> selector = ga.GradAlign(ga.FactorizedGradient(4, 4), policy=ga.policies.TopK(1))
-        >>> sel = selector.select(model, ro, val)
-        >>> sel.ids, sel.scores.round(decimals=4)
-        (tensor([0]), tensor([1.]))
-    """
-
-    ids: torch.Tensor
-    scores: torch.Tensor | None
-    candidates: Candidates
+# Alignment, Selection and Targets live in gradalign.alignment; importable from here as before.
+__all__ = ["SCORERS", "Alignment", "GradAlign", "Selection", "Targets"]
 
 
 def _check_selected(policy: Any, out: Any, table: Candidates) -> torch.Tensor:
@@ -220,8 +87,8 @@ class GradAlign:
         aggregate: with several validation tasks, how per-task scores reduce ("max", "mean", "min").
         keep_grads: keep candidate gradients on the result (for diversity-aware policies); costs
             G x D memory.
-        distributed: "auto" (default) hands every call to
-            [`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] when ``torch.distributed`` is
+        distributed: "auto" (default) runs every call over the ranks of ``torch.distributed``
+            (through [`TorchDistributed`][gradalign.distributed.TorchDistributed]) when it is
             initialized with several ranks; True requires it; False never communicates; a
             [`Distributed`][gradalign.distributed.Distributed] picks the process group and timeout. On
             that path every rank passes its own shard of candidate and validation groups (ids
@@ -297,28 +164,181 @@ class GradAlign:
             f"scorer={self.scorer!r}, policy={self.policy!r}, target={self.target!r})"
         )
 
-    def driver(self) -> _dist.DistributedGradAlign | None:
-        """The multi-process driver when ``distributed`` resolves to several ranks, else None."""
+    def _communicator(self) -> Communicator:
+        """Local, or the torch.distributed group that ``distributed`` resolves to now."""
         settings = _dist.resolve(self.distributed)
-        return None if settings is None else _dist.DistributedGradAlign(self, settings)
+        return Local() if settings is None else _dist.TorchDistributed(settings)
 
-    # Seams: one process's share of each stage (the distributed driver combines them). ----------
+    # The public stages: each checks the processes agree, then runs the one pipeline. ----------
 
-    def target_state(
+    @api_call("GradAlign.targets")
+    def targets(
+        self,
+        model: nn.Module,
+        validation: Rollouts | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Targets:
+        """(Q, D) target directions from the validation rollouts, and their task labels.
+
+        Args:
+            model: the current policy.
+            validation: rollouts of the trusted validation problems (with several processes,
+                this rank's shard; None for a rank without one).
+            tasks: optional mapping validation group id -> task label (one target per task).
+            progress: show progress bars.
+
+        Returns:
+            [`Targets`][gradalign.alignment.Targets] ``(directions, labels)``: pass them in place of the
+            validation rollouts to score more candidates against the same targets.
+        """
+        comm = self._communicator()
+        comm.check_same(self, model)
+        return self._targets(comm, model, validation, tasks, progress)
+
+    @api_call("GradAlign.alignment")
+    def alignment(
+        self,
+        model: nn.Module,
+        candidates: Rollouts | None,
+        validation: Rollouts | Targets | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Alignment:
+        """Alignment of every candidate group with the validation target(s), in one pass.
+
+        Args:
+            model: the current policy.
+            candidates: rollouts of the candidate problems (one group per problem); with several
+                processes, this rank's shard (None for none).
+            validation: rollouts of the trusted validation problems (this rank's shard, likewise),
+                or the [`Targets`][gradalign.alignment.Targets] already computed from them this round.
+            tasks: optional mapping validation group id -> task label (one target per task).
+            progress: show progress bars.
+        """
+        comm = self._communicator()
+        comm.check_same(self, model)
+        return self._alignment(comm, model, candidates, validation, tasks, progress)
+
+    @api_call("GradAlign.score")
+    def score(
+        self,
+        model: nn.Module,
+        candidates: Rollouts | None,
+        validation: Rollouts | Targets | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Candidates:
+        """The candidate table with scores, accuracy, reward spread and zero-gradient flags.
+
+        Arguments as for [`alignment`][gradalign.selector.GradAlign.alignment]; with several
+        processes every rank gets the whole table (every rank's groups).
+        """
+        comm = self._communicator()
+        comm.check_same(self, model)
+        return self._score(comm, model, candidates, validation, tasks, progress)
+
+    @api_call("GradAlign.select")
+    def select(
+        self,
+        model: nn.Module,
+        candidates: Rollouts | None,
+        validation: Rollouts | Targets | None,
+        *,
+        tasks: Mapping[int, Any] | None = None,
+        progress: bool = False,
+    ) -> Selection:
+        """Score the candidates and apply the policy: the selected ids in rank order.
+
+        Arguments as for [`alignment`][gradalign.selector.GradAlign.alignment]; with several
+        processes every rank returns the same selection, the one a single process holding every
+        shard would make.
+        """
+        comm = self._communicator()
+        comm.check_same(self, model)
+        table = self._score(comm, model, candidates, validation, tasks, progress)
+        return self.apply_policy(table)
+
+    # The pipeline (one path; the communicator combines what spans processes). ----------------
+
+    def _targets(
+        self,
+        comm: Communicator,
+        model: nn.Module,
+        validation: Rollouts | None,
+        tasks: Mapping[int, Any] | None,
+        progress: bool,
+    ) -> Targets:
+        if not comm.sharded:
+            check_rollouts("validation", validation)
+        check_tasks(tasks, None if comm.sharded else validation)  # sharded: labels may be elsewhere
+        stats = comm.batch_stats(validation, "validation")
+        acc = TargetAccumulator(self.target, self.objective, tasks)
+        sums = weights = ids = None
+        if validation is not None:
+            acc = self._target_state(model, validation, tasks, stats, progress)
+            (sums, weights), ids = acc.state(), validation.unique_groups
+        sums, weights = comm.reduce_target(sums, weights, ids)
+        return self._check_targets(acc.result(sums, weights), tuple(acc.labels or (0,)), tasks)
+
+    def _alignment(
+        self,
+        comm: Communicator,
+        model: nn.Module,
+        candidates: Rollouts | None,
+        validation: Rollouts | Targets | None,
+        tasks: Mapping[int, Any] | None,
+        progress: bool,
+    ) -> Alignment:
+        if not comm.sharded:
+            check_rollouts("candidates", candidates)
+            if not isinstance(validation, Targets):
+                check_rollouts("validation", validation, " or the Targets of GradAlign.targets")
+        warn_shared_ids(candidates, validation)
+        if isinstance(validation, Targets):
+            target, labels = _checked(validation)
+        else:
+            target, labels = self._targets(comm, model, validation, tasks, progress)
+        stats = comm.batch_stats(candidates, "candidate")
+        local = None
+        if candidates is not None:
+            local = self._candidate_rows(model, candidates, target, labels, stats, progress)
+        return comm.gather_alignment(local, target=target, labels=labels, aggregate=self.aggregate)
+
+    def _score(
+        self,
+        comm: Communicator,
+        model: nn.Module,
+        candidates: Rollouts | None,
+        validation: Rollouts | Targets | None,
+        tasks: Mapping[int, Any] | None,
+        progress: bool,
+    ) -> Candidates:
+        al = self._alignment(comm, model, candidates, validation, tasks, progress)
+        table = comm.gather_candidates(candidates)
+        per_task = al.task_cosine if self.scorer == "cosine" else al.task_inner_product
+        return dataclasses.replace(
+            table,
+            scores=al.scores(self.scorer),
+            zero_spread=al.zero_spread,
+            zero_gradient=al.zero_gradient,
+            task_scores=per_task,
+            grads=al.grads,
+        )
+
+    def _target_state(
         self,
         model: nn.Module,
         validation: Rollouts,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        stats: BatchStats | None = None,
-        progress: bool = False,
+        tasks: Mapping[int, Any] | None,
+        stats: BatchStats | None,
+        progress: bool,
     ) -> TargetAccumulator:
-        """The validation gradients of ``validation`` summed into a [`TargetAccumulator`][gradalign.scoring.TargetAccumulator].
-
-        Args:
-            stats: the batch statistics of the whole validation set when ``validation`` is a
-                shard of it (see [`Objective.prepare`][gradalign.objective.Objective.prepare]).
-        """
+        """This process's validation gradients summed into a TargetAccumulator (``stats``: the
+        whole validation set's batch statistics when ``validation`` is a shard of it)."""
         acc = TargetAccumulator(self.target, self.objective, tasks)
         extractor = self.extractor
         if self.preconditioner is not None:
@@ -330,10 +350,10 @@ class GradAlign:
             del chunk  # free it before the extractor fills the next one
         return acc
 
-    def check_targets(
+    def _check_targets(
         self, target: torch.Tensor, labels: tuple[Any, ...], tasks: Mapping[int, Any] | None
-    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
-        """``(target, labels)`` if every target is non-zero, else a GradAlignError that says why."""
+    ) -> Targets:
+        """The targets if every one is non-zero, else a GradAlignError that says why."""
         empty = [labels[i] for i in (target == 0).all(dim=1).nonzero().flatten().tolist()]
         if empty:
             which = f" for tasks {empty}" if tasks is not None else ""
@@ -343,18 +363,18 @@ class GradAlign:
                 "validation group of the task. Sample more validation rollouts or use problems "
                 "of intermediate difficulty"
             )
-        return target, labels
+        return Targets(target, labels)
 
-    def candidate_rows(
+    def _candidate_rows(
         self,
         model: nn.Module,
         candidates: Rollouts,
         target: torch.Tensor,
-        *,
-        stats: BatchStats | None = None,
-        progress: bool = False,
-    ) -> CandidateRows:
-        """The alignment terms of ``candidates`` with ``target`` (Q, D), streamed, sorted by id."""
+        labels: tuple[Any, ...],
+        stats: BatchStats | None,
+        progress: bool,
+    ) -> Alignment:
+        """This process's candidates against ``target`` (Q, D), streamed, sorted by id."""
         prepared = self.objective.prepare(candidates, stats)
         ids, dots, norms, spread, kept = [], [], [], [], []
         for chunk in self.extractor.iter_groups(model, candidates, prepared, progress=progress):
@@ -369,155 +389,38 @@ class GradAlign:
             del chunk, grads  # only the (Q, D) targets and one chunk are ever held
         all_ids = torch.cat(ids)
         order = torch.argsort(all_ids)
-        return CandidateRows(
+        return Alignment(
             ids=all_ids[order],
             dot=torch.cat(dots)[order],
             grad_norm=torch.cat(norms)[order],
-            zero_spread=torch.cat(spread)[order],
-            grads=torch.cat(kept)[order] if self.keep_grads else None,
-        )
-
-    def make_alignment(
-        self, rows: CandidateRows, target: torch.Tensor, labels: tuple[Any, ...]
-    ) -> Alignment:
-        """An [`Alignment`][gradalign.selector.Alignment] from candidate rows and the targets they were scored against."""
-        return Alignment(
-            ids=rows.ids,
-            dot=rows.dot,
-            grad_norm=rows.grad_norm,
             target_norm=row_norms(target),
-            zero_spread=rows.zero_spread,
+            zero_spread=torch.cat(spread)[order],
             task_labels=labels,
-            grads=rows.grads,
+            grads=torch.cat(kept)[order] if self.keep_grads else None,
             aggregate=self.aggregate,
         )
-
-    def make_table(self, table: Candidates, al: Alignment) -> Candidates:
-        """The candidate table with this selector's scores, per-task scores and flags."""
-        per_task = al.task_cosine if self.scorer == "cosine" else al.task_inner_product
-        return dataclasses.replace(
-            table,
-            scores=al.scores(self.scorer),
-            zero_spread=al.zero_spread,
-            zero_gradient=al.zero_gradient,
-            task_scores=per_task,
-            grads=al.grads,
-        )
-
-    # The stages, single-process (several processes: the driver runs them). --------------------
-
-    @api_call("GradAlign.targets")
-    def targets(
-        self,
-        model: nn.Module,
-        validation: Rollouts,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> Targets:
-        """(Q, D) target directions from the validation rollouts, and their task labels.
-
-        Returns:
-            [`Targets`][gradalign.selector.Targets] ``(directions, labels)``: pass them in place of the
-            validation rollouts to score more candidates against the same targets.
-        """
-        if (driver := self.driver()) is not None:
-            return Targets(*driver.targets(model, validation, tasks=tasks, progress=progress))
-        check_rollouts("validation", validation)
-        check_tasks(tasks, validation)
-        acc = self.target_state(model, validation, tasks=tasks, progress=progress)
-        return Targets(*self.check_targets(acc.result(), tuple(acc.labels or (0,)), tasks))
-
-    def resolve_targets(
-        self,
-        model: nn.Module,
-        validation: Rollouts | Targets,
-        *,
-        tasks: Mapping[int, Any] | None,
-        progress: bool,
-    ) -> Targets:
-        """``validation`` itself when it is [`Targets`][gradalign.selector.Targets], else the targets computed from it."""
-        if isinstance(validation, Targets):
-            directions = validation.directions
-            if not isinstance(directions, torch.Tensor) or directions.dim() != 2:
-                raise GradAlignError(
-                    "GradAlign.alignment: Targets.directions must be a (Q, D) tensor, got "
-                    f"{type(directions).__name__} {tuple(getattr(directions, 'shape', ()))}"
-                )
-            if len(validation.labels) != directions.shape[0]:
-                raise GradAlignError(
-                    f"GradAlign.alignment: Targets has {directions.shape[0]} directions but "
-                    f"{len(validation.labels)} labels"
-                )
-            return validation
-        return self.targets(model, validation, tasks=tasks, progress=progress)
-
-    @api_call("GradAlign.alignment")
-    def alignment(
-        self,
-        model: nn.Module,
-        candidates: Rollouts,
-        validation: Rollouts | Targets,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> Alignment:
-        """Alignment of every candidate group with the validation target(s), in one pass.
-
-        Args:
-            model: the current policy.
-            candidates: rollouts of the candidate problems (one group per problem); with several
-                processes, this rank's shard (None for none).
-            validation: rollouts of the trusted validation problems (this rank's shard, likewise),
-                or the [`Targets`][gradalign.selector.Targets] already computed from them this round.
-            tasks: optional mapping validation group id -> task label (one target per task).
-            progress: show progress bars.
-        """
-        if (driver := self.driver()) is not None:
-            return driver.alignment(model, candidates, validation, tasks=tasks, progress=progress)
-        check_rollouts("candidates", candidates)
-        if not isinstance(validation, Targets):
-            check_rollouts("validation", validation, " or the Targets of GradAlign.targets")
-        warn_shared_ids(candidates, validation)
-        target, labels = self.resolve_targets(model, validation, tasks=tasks, progress=progress)
-        rows = self.candidate_rows(model, candidates, target, progress=progress)
-        return self.make_alignment(rows, target, labels)
-
-    @api_call("GradAlign.score")
-    def score(
-        self,
-        model: nn.Module,
-        candidates: Rollouts,
-        validation: Rollouts | Targets,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> Candidates:
-        """The candidate table with scores, accuracy, reward spread and zero-gradient flags."""
-        if (driver := self.driver()) is not None:
-            return driver.score(model, candidates, validation, tasks=tasks, progress=progress)
-        al = self.alignment(model, candidates, validation, tasks=tasks, progress=progress)
-        return self.make_table(Candidates.from_rollouts(candidates), al)
-
-    @api_call("GradAlign.select")
-    def select(
-        self,
-        model: nn.Module,
-        candidates: Rollouts,
-        validation: Rollouts | Targets,
-        *,
-        tasks: Mapping[int, Any] | None = None,
-        progress: bool = False,
-    ) -> Selection:
-        """Score the candidates and apply the policy: the selected ids in rank order."""
-        table = self.score(model, candidates, validation, tasks=tasks, progress=progress)
-        return self.apply_policy(table)
 
     def apply_policy(self, table: Candidates) -> Selection:
         """Run the policy on an already scored candidate table."""
         ids = _check_selected(self.policy, self.policy(table), table)
         scores = None if table.scores is None else table.scores[table.positions(ids)]
         return Selection(ids=ids, scores=scores, candidates=table)
+
+
+def _checked(targets: Targets) -> Targets:
+    """Targets passed in place of validation rollouts: (Q, D) directions and Q labels."""
+    directions = targets.directions
+    if not isinstance(directions, torch.Tensor) or directions.dim() != 2:
+        raise GradAlignError(
+            "GradAlign.alignment: Targets.directions must be a (Q, D) tensor, got "
+            f"{type(directions).__name__} {tuple(getattr(directions, 'shape', ()))}"
+        )
+    if len(targets.labels) != directions.shape[0]:
+        raise GradAlignError(
+            f"GradAlign.alignment: Targets has {directions.shape[0]} directions but "
+            f"{len(targets.labels)} labels"
+        )
+    return targets
 
 
 def check_rollouts(what: str, value: Any, alternative: str = "") -> None:

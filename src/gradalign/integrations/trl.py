@@ -36,7 +36,7 @@ after a round hold only selected problems:
 
 Several processes (``torchrun`` / ``accelerate launch``): each rank samples its share of a round in
 generation calls seeded per call, so rollouts do not depend on the number of ranks; the selection
-is computed once by [`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] and recorded on every
+is computed once over every rank's shard (``GradAlign`` over ``torch.distributed``) and recorded on every
 rank; each rank serves its slice of every generation block.
 
 Limits of this version: no ``tools``, ``rollout_func`` or ``environment_factory``,
@@ -229,7 +229,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
 
     Attributes:
         curriculum: the [`Curriculum`][gradalign.curriculum.Curriculum] holding every round's record.
-        last_selection: the latest recorded [`Selection`][gradalign.selector.Selection] (None before).
+        last_selection: the latest recorded [`Selection`][gradalign.alignment.Selection] (None before).
         in_selection_round: True while a round samples and scores (reward functions may check it).
         replaced_batches: generation batches drawn before a round and replaced after it.
         fallback_rounds: rounds that fell back (see ``on_empty``).
@@ -405,7 +405,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         """Score the next chunk of the pool with the current policy and record the selection.
 
         With several processes every rank samples and scores its share of the chunk and of the
-        validation set, and [`DistributedGradAlign`][gradalign.distributed.DistributedGradAlign] gives every rank
+        validation set, and ``GradAlign`` (over ``torch.distributed``) gives every rank
         the same selection. A round with no informative selection falls back as ``on_empty`` says.
 
         Returns:
@@ -445,10 +445,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
     def _select(
         self, model: torch.nn.Module, candidates: Rollouts | None, validation: Rollouts | None
     ) -> Selection:
-        driver = self.selector.driver()
-        if driver is not None:  # each rank passes its shard (None for none)
-            return driver.select(model, candidates, validation)
-        assert candidates is not None and validation is not None
+        # Under torch.distributed each rank passes its shard (None for none); one process, both.
         return self.selector.select(model, candidates, validation)
 
     def _empty_reason(self, candidates: Rollouts | None, validation: Rollouts | None) -> str | None:

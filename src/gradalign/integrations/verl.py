@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import Sampler
 
 from gradalign.curriculum import Curriculum
+from gradalign.distributed import resolve
 from gradalign.errors import GradAlignError
 from gradalign.integrations.verl_data import (
     BatchGroups,
@@ -270,18 +271,14 @@ class GradAlignSampler(_SamplerBase):
             raise GradAlignError(
                 "GradAlignSampler.score_and_select: no round started; call next_candidates() first"
             )
-        driver = self.selector.driver()
-        if driver is not None:  # each rank passes its shard (None for none)
-            sel = driver.select(model, candidates, validation, tasks=tasks, progress=progress)
-        elif candidates is None or validation is None:
+        sharded = resolve(self.selector.distributed) is not None
+        if not sharded and (candidates is None or validation is None):
             raise GradAlignError(
                 "GradAlignSampler.score_and_select: candidates and validation rollouts are needed "
                 "(None is only for a rank without a shard, with torch.distributed initialized)"
             )
-        else:
-            sel = self.selector.select(
-                model, candidates, validation, tasks=tasks, progress=progress
-            )
+        # Under torch.distributed each rank passes its shard (None for none).
+        sel = self.selector.select(model, candidates, validation, tasks=tasks, progress=progress)
         self.record(sel)
         return sel
 
