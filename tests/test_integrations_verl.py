@@ -324,10 +324,9 @@ def test_module_imports_without_verl(monkeypatch: pytest.MonkeyPatch) -> None:
     assert module.GradAlignSampler.__mro__[1] is torch.utils.data.Sampler
 
 
-def test_old_score_key_is_deprecated() -> None:
-    with pytest.warns(DeprecationWarning, match="data.gradalign.score is deprecated"):
-        sampler = GradAlignSampler(range(3), {"gradalign": {"score": "inner_product"}})
-    assert sampler.selector.scorer == "inner_product"
+def test_old_score_key_was_removed_in_0_3() -> None:
+    with pytest.raises(GradAlignError, match=r"unknown data.gradalign keys \['score'\]"):
+        GradAlignSampler(range(3), {"gradalign": {"score": "inner_product"}})
 
 
 # -- verl 0.9: the v1 trainer's replay buffer, and RayPPOTrainer(train_sampler=...) -----------------

@@ -121,9 +121,13 @@ def test_issue_examples_of_huge_and_tiny_inputs() -> None:
         inner_product(torch.full((2, 4), 1e20), torch.full((4,), 1e20))
 
 
-def test_deprecated_parameter_names_still_work() -> None:
+def test_deprecated_parameter_names_were_removed_in_0_3() -> None:
     scores = torch.tensor([[0.1, 0.5], [0.3, -0.2]])
-    with pytest.warns(DeprecationWarning, match="how= is deprecated; use aggregate="):
-        assert (
-            aggregate_tasks(scores, how="min").tolist() == aggregate_tasks(scores, "min").tolist()
-        )
+    with pytest.raises(TypeError, match="how"):
+        aggregate_tasks(scores, how="min")  # type: ignore[call-arg]
+    grads = GroupGradients(
+        group_ids=torch.tensor([0]), grads=torch.ones(1, 2), num_tokens=torch.ones(1),
+        num_sequences=torch.ones(1), zero_spread=torch.zeros(1, dtype=torch.bool)
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="reduction"):
+        build_target(grads, reduction="mean")  # type: ignore[call-arg]

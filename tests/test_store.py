@@ -351,9 +351,9 @@ def test_float16_store_refuses_values_it_cannot_hold(qwen: nn.Module, tmp_path: 
     assert len(GradientStore(tmp_path / "h", dtype=torch.float16)) == 0
 
 
-def test_chunk_groups_is_a_deprecated_name(qwen: nn.Module, pool: Rollouts, tmp_path: Path) -> None:
+def test_chunk_groups_was_removed_in_0_3(qwen: nn.Module, pool: Rollouts, tmp_path: Path) -> None:
     store = GradientStore(tmp_path / "s")
-    with pytest.warns(DeprecationWarning, match="chunk_groups= is deprecated; use group_chunk="):
-        store.extract(FactorizedGradient(dim_in=2, dim_out=2), qwen, pool, chunk_groups=4)
-    with pytest.warns(DeprecationWarning, match="chunk_groups= is deprecated"):
-        assert len(list(store.iter_chunks(chunk_groups=5))) == 2
+    with pytest.raises(TypeError, match="chunk_groups"):
+        store.extract(FactorizedGradient(dim_in=2, dim_out=2), qwen, pool, chunk_groups=4)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="chunk_groups"):
+        store.iter_chunks(chunk_groups=5)  # type: ignore[call-arg]

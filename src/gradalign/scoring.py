@@ -12,7 +12,6 @@ Shape glossary: G candidate groups, D gradient dimension, Q targets (validation 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -234,29 +233,16 @@ def inner_product(
     return out.squeeze(1) if target.dim() == 1 else out
 
 
-def _deprecated(call: str, old: str, new: str) -> None:
-    warnings.warn(
-        f"{call}: {old}= is deprecated; use {new}= (the name GradAlign uses)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-
-def aggregate_tasks(
-    scores: torch.Tensor, aggregate: str = "max", *, how: str | None = None
-) -> torch.Tensor:
+def aggregate_tasks(scores: torch.Tensor, aggregate: str = "max") -> torch.Tensor:
     """(G, Q) per-task scores -> (G,) by "max", "mean" or "min"; a (G,) input passes through.
 
-    ``aggregate`` is ``GradAlign(aggregate=...)``'s name; ``how=`` is its deprecated alias.
+    ``aggregate`` is ``GradAlign(aggregate=...)``'s name.
 
     Examples:
         >>> import torch
         >>> aggregate_tasks(torch.tensor([[0.2, 0.9], [0.5, 0.1]]), "max")
         tensor([0.9000, 0.5000])
     """
-    if how is not None:
-        _deprecated("aggregate_tasks", "how", "aggregate")
-        aggregate = how
     if aggregate not in TASK_AGGREGATIONS:
         raise GradAlignError(
             f"aggregate_tasks: aggregate must be one of {TASK_AGGREGATIONS}, got {aggregate!r}"
@@ -374,7 +360,6 @@ def build_target(
     *,
     objective: Objective | None = None,
     tasks: Mapping[int, Any] | None = None,
-    reduction: str | None = None,
 ) -> torch.Tensor:
     """Target direction(s) from validation group gradients.
 
@@ -383,7 +368,6 @@ def build_target(
         target: "mean", "normalized-mean" or "batch" (see [`TargetAccumulator`][gradalign.scoring.TargetAccumulator]).
         objective: the GRPO objective ("batch" aggregates like it).
         tasks: optional mapping validation group id -> task label.
-        reduction: deprecated name of ``target``.
 
     Returns:
         (D,) without tasks, else (Q, D) with one row per task label (sorted).
@@ -393,9 +377,6 @@ def build_target(
         >>> build_target(val_grads, "normalized-mean").shape  # mean of unit-norm rows
         torch.Size([1008])
     """
-    if reduction is not None:
-        _deprecated("build_target", "reduction", "target")
-        target = reduction
     acc = TargetAccumulator(target, objective, tasks)
     acc.add(validation)
     out = acc.result()

@@ -28,7 +28,6 @@ Shape glossary: G groups, D gradient dimension.
 from __future__ import annotations
 
 import os
-import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,14 +72,6 @@ def _chunk(
     subset = full.select_groups(ids)
     rows = torch.isin(full.group_ids, ids.to(full.device)).nonzero().flatten()  # subset order
     return subset, prepared.select(rows, subset.input_ids.shape[1])
-
-
-def _renamed(call: str) -> None:
-    warnings.warn(
-        f"{call}: chunk_groups= is deprecated; use group_chunk= (the extractors' name)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
 
 
 class GradientStore:
@@ -238,7 +229,6 @@ class GradientStore:
         *,
         group_chunk: int = 256,
         progress: bool = False,
-        chunk_groups: int | None = None,
     ) -> int:
         """Extract and store the gradients of every group of ``rollouts`` not stored yet.
 
@@ -251,7 +241,6 @@ class GradientStore:
             group_chunk: groups per committed chunk, rounded up to whole packs of the extractor
                 (an interruption loses at most one chunk); it never changes the stored numbers.
             progress: show the extractor's progress bar.
-            chunk_groups: deprecated name of ``group_chunk``.
 
         Returns:
             The number of groups extracted by this call (0 when all were stored already).
@@ -263,9 +252,6 @@ class GradientStore:
                 the pool the stored rows were prepared with, or the store is damaged.
         """
         call = "GradientStore.extract"
-        if chunk_groups is not None:
-            _renamed(call)
-            group_chunk = chunk_groups
         if isinstance(group_chunk, bool) or not isinstance(group_chunk, int) or group_chunk < 1:
             raise GradAlignError(f"{call}: group_chunk must be an int >= 1, got {group_chunk!r}")
         if not isinstance(rollouts, Rollouts):
@@ -419,14 +405,8 @@ class GradientStore:
             segments=tuple(Segment(n, a, b) for n, a, b in self._index.get("segments", [])),
         )
 
-    def iter_chunks(
-        self, group_chunk: int = 1024, *, chunk_groups: int | None = None
-    ) -> Iterator[GroupGradients]:
-        """Stream the stored gradients in ascending group id, ``group_chunk`` groups at a time
-        (``chunk_groups`` is its deprecated name)."""
-        if chunk_groups is not None:
-            _renamed("GradientStore.iter_chunks")
-            group_chunk = chunk_groups
+    def iter_chunks(self, group_chunk: int = 1024) -> Iterator[GroupGradients]:
+        """Stream the stored gradients in ascending group id, ``group_chunk`` groups at a time."""
         if isinstance(group_chunk, bool) or not isinstance(group_chunk, int) or group_chunk < 1:
             raise GradAlignError(
                 f"GradientStore.iter_chunks: group_chunk must be an int >= 1, got {group_chunk!r}"

@@ -1,7 +1,16 @@
 """Gradient extractors: one gradient row per problem group.
 
-Implementations: [`FullGradient`][gradalign.extractors.full.FullGradient] (exact), [`RandomProjectedGradient`][gradalign.extractors.full.RandomProjectedGradient] (seeded random
-projection, never stored), built on [`GradientExtractor`][gradalign.extractors.base.GradientExtractor] and returning [`GroupGradients`][gradalign.extractors.base.GroupGradients].
+Implementations, each built on [`GradientExtractor`][gradalign.extractors.base.GradientExtractor] and
+returning [`GroupGradients`][gradalign.extractors.base.GroupGradients]:
+
+- [`FullGradient`][gradalign.extractors.full.FullGradient]: the exact gradient of every trainable
+  parameter (or of ``target_modules``);
+- [`RandomProjectedGradient`][gradalign.extractors.full.RandomProjectedGradient]: the full gradient
+  times a seeded random projection that is regenerated, never stored;
+- [`FactorizedGradient`][gradalign.extractors.factorized.FactorizedGradient]: a per-layer projection
+  of each linear layer's input and output gradient, every candidate from one batched backward;
+- [`LoRAGradient`][gradalign.extractors.lora.LoRAGradient]: the gradient of a peft model's LoRA
+  adapter weights, optionally projected.
 """
 
 from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment

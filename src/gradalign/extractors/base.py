@@ -254,14 +254,6 @@ def packs_of_rows(local: torch.Tensor, batch_size: int, num_groups: int) -> list
     return [b - a for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def progress_bar(iterable: Iterable[Any], *, enabled: bool, total: int, desc: str) -> Iterable[Any]:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
 class GroupCounter:
     """A progress bar that counts groups (not chunks); a no-op when disabled."""
 

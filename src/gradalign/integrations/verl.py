@@ -37,7 +37,6 @@ N dataset rows (the pool).
 # No ``from __future__ import annotations``: verl's class_path may load this file by path without
 # registering it in sys.modules, and dataclasses cannot resolve string annotations there.
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,8 +86,7 @@ class SamplerSettings:
         shuffle: serve each selection in a seeded random order (else in rank order).
         select_fraction: keep the best ``round(fraction * M)`` candidates (the paper's M/q).
         select_k: keep the best k instead (overrides ``select_fraction``).
-        scorer: "cosine" (the paper's) or "inner_product" (the key ``score`` still works, with a
-            DeprecationWarning).
+        scorer: "cosine" (the paper's) or "inner_product".
         target: validation target, "mean", "normalized-mean" or "batch".
         index_key: non-tensor key of the dataset index ("index", verl's ``extra_info.index``).
         index_lookup: read every dataset row's ``index_key`` once to map it to its position
@@ -114,13 +112,6 @@ class SamplerSettings:
         """Read ``data_config["gradalign"]`` (a dict or OmegaConf node; absent = defaults)."""
         node = None if data_config is None else data_config.get("gradalign", None)
         raw = {} if node is None else {str(k): v for k, v in node.items()}
-        if "score" in raw:
-            warnings.warn(
-                "GradAlignSampler: data.gradalign.score is deprecated; use data.gradalign.scorer",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            raw.setdefault("scorer", raw.pop("score"))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
