@@ -51,7 +51,7 @@ import torch
 
 import gradalign as ga
 from gradalign.demo.problems import verify_line
-from gradalign.demo.sampling import sample_completions, stop_tokens
+from gradalign.sampling import sample_completions, stop_tokens
 
 REGIMES: dict[str, tuple[str, ...]] = {
     "noisy": ("GradAlign", "Random", "AccGreedy", "LearnAlign"),

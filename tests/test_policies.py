@@ -489,3 +489,24 @@ def test_table_and_repr():
     assert text.startswith("Candidates(G=50)") and text.endswith("... (47 more rows)")
     assert len(text.splitlines()) == 1 + 1 + 3 + 1
     assert repr(table()).startswith("Candidates(G=6, task_scores (6, 2), grads (6, 4))")
+
+
+def test_pass_rate_counts_full_credit_and_pass_rate_policies_read_it() -> None:
+    """Partial credit: group 0 gets 0.5 on every rollout (mean 0.5, never solved), group 1 solves
+    half its rollouts (mean 0.5, pass rate 0.5). Their mean rewards tie; only the pass rate tells
+    AccGreedy that group 1 sits at 0.5 and group 0 at 0."""
+    from gradalign import Candidates, Rollouts
+    from gradalign.policies import AccGreedy
+
+    ro = Rollouts.from_token_ids(
+        [[5]] * 4, [[9, 1]] * 4, [0.5, 0.5, 1.0, 0.0], [0, 0, 1, 1]
+    )  # fmt: skip
+    table = Candidates.from_rollouts(ro)
+    assert table.accuracy.tolist() == [0.5, 0.5]
+    assert table.pass_rate.tolist() == [0.0, 0.5]  # by hand: 0 of 2, 1 of 2 reach 1.0
+    assert AccGreedy(1)(table).tolist() == [1]
+    assert Candidates.from_rollouts(ro, pass_threshold=0.5).pass_rate.tolist() == [1.0, 0.5]
+    # A table without pass_rate falls back to accuracy (the same for 0/1 rewards).
+    assert AccGreedy(2)(Candidates(ids=table.ids, accuracy=table.accuracy)).tolist() == [0, 1]
+    with pytest.raises(GradAlignError, match="pass_threshold must be a finite number"):
+        Candidates.from_rollouts(ro, pass_threshold=float("nan"))

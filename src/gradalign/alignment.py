@@ -121,6 +121,9 @@ class Selection:
         ids: (k,) selected group ids in rank order.
         scores: (k,) their scores (None when the candidates carry no scores).
         candidates: the full scored candidate table.
+        alignment: the [`Alignment`][gradalign.alignment.Alignment] the scores came from (both
+            scorers' values, per task, the norms), when [`GradAlign.select`][gradalign.selector.GradAlign.select]
+            made the selection; None from ``apply_policy`` on a table.
 
     Examples:
         >>> import torch, gradalign as ga
@@ -138,3 +141,4 @@ class Selection:
     ids: torch.Tensor
     scores: torch.Tensor | None
     candidates: Candidates
+    alignment: Alignment | None = None

@@ -9,6 +9,7 @@ Shapes: G candidates, D gradient dim, Q validation targets (tasks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ __all__ = ["Candidates"]
 _FIELDS: dict[str, tuple[torch.dtype, int]] = {
     "scores": (torch.float32, 1),
     "accuracy": (torch.float32, 1),
+    "pass_rate": (torch.float32, 1),
     "reward_std": (torch.float32, 1),
     "zero_spread": (torch.bool, 1),
     "zero_gradient": (torch.bool, 1),
@@ -65,11 +67,12 @@ def _check_field(name: str, value: Any, g: int) -> torch.Tensor:
         raise GradAlignError(f"Candidates: {name} contains NaN in rows {rows}")
     if value.is_floating_point() and not value.isfinite().all():
         raise GradAlignError(f"Candidates: {name} must be finite, got inf")
-    if name == "accuracy" and ((value < 0) | (value > 1)).any():
+    if name in ("accuracy", "pass_rate") and ((value < 0) | (value > 1)).any():
         bad = value[(value < 0) | (value > 1)][:5].tolist()
         raise GradAlignError(
-            f"Candidates: accuracy is a pass rate and must lie in [0, 1], got {bad}; for rewards "
-            "outside [0, 1] pass their mean as scores, not as accuracy"
+            f"Candidates: {name} must lie in [0, 1], got {bad}; for rewards outside [0, 1] pass "
+            "their mean as scores, or build the table with Candidates.from_rollouts (its "
+            "pass_rate counts rewards >= pass_threshold)"
         )
     if name == "reward_std" and (value < 0).any():
         raise GradAlignError(f"Candidates: reward_std must be >= 0, got min {value.min().item()}")
@@ -85,7 +88,12 @@ class Candidates:
     Args:
         ids: (G,) unique integer problem/group ids (int64).
         scores: (G,) float32 alignment scores (aggregated over targets).
-        accuracy: (G,) float32 pass rate, the mean reward of the group.
+        accuracy: (G,) float32 mean reward of the group (rewards in [0, 1]); with 0/1 rewards
+            it is the pass rate.
+        pass_rate: (G,) float32 fraction of the group's rollouts whose reward reaches
+            ``pass_threshold`` (see [`from_rollouts`][gradalign.candidates.Candidates.from_rollouts]): a
+            pass rate under partial-credit rewards too. Policies that rank by pass rate
+            (AccGreedy, Learnability, AccuracyBand, ...) read it, else ``accuracy``.
         reward_std: (G,) float32 population std of the group's rewards (0 = zero-spread group).
         zero_spread: (G,) bool, True where the group's rewards have no spread by the rule of
             [`gradalign.stats.zero_spread`][gradalign.stats.zero_spread] (with the objective's tolerance when the
@@ -111,6 +119,7 @@ class Candidates:
     scores: torch.Tensor | None = None
     accuracy: torch.Tensor | None = None
     reward_std: torch.Tensor | None = None
+    pass_rate: torch.Tensor | None = None
     zero_spread: torch.Tensor | None = None
     zero_gradient: torch.Tensor | None = None
     task_scores: torch.Tensor | None = None
@@ -137,8 +146,9 @@ class Candidates:
         grads: torch.Tensor | None = None,
         zero_gradient: torch.Tensor | None = None,
         zero_spread_tol: float = 0.0,
+        pass_threshold: float = 1.0,
     ) -> Candidates:
-        """One row per group of ``rollouts``; accuracy and reward spread come from its rewards.
+        """One row per group of ``rollouts``; accuracy, pass rate and reward spread come from its rewards.
 
         Args:
             rollouts: anything with ``group_ids`` (S,) integers and ``rewards`` (S,) floats.
@@ -147,12 +157,23 @@ class Candidates:
             grads: (G, D) group gradients.
             zero_gradient: (G,) bool zero-norm flags.
             zero_spread_tol: the tolerance of the zero-spread rule (use the objective's).
+            pass_threshold: a rollout passes when its reward is at least this (default 1.0: full
+                credit under 0/1 or partial-credit rewards in [0, 1]).
 
         Returns:
-            Candidates with ids = sorted unique group ids, accuracy = mean reward per group (the
-            pass rate; None when a reward lies outside [0, 1], where a pass rate means nothing)
-            and reward_std = population std (unbiased=False) per group, exactly 0 for constant
-            groups.
+            Candidates with ids = sorted unique group ids, accuracy = mean reward per group (None
+            when a reward lies outside [0, 1]), pass_rate = fraction of rollouts with reward
+            ``>= pass_threshold``, and reward_std = population std (unbiased=False) per group,
+            exactly 0 for constant groups.
+
+        Examples:
+            >>> ro = Rollouts.from_token_ids([[5]] * 4, [[9, 1]] * 4, [1.0, 0.5, 0.5, 0.0],
+            ...                              [0, 0, 1, 1])  # partial credit
+            >>> table = Candidates.from_rollouts(ro)
+            >>> table.accuracy, table.pass_rate  # mean reward, and full-credit pass rate
+            (tensor([0.7500, 0.2500]), tensor([0.5000, 0.0000]))
+            >>> Candidates.from_rollouts(ro, pass_threshold=0.5).pass_rate
+            tensor([1.0000, 0.5000])
         """
         gids = _as_ids("Candidates.from_rollouts", rollouts.group_ids)
         rewards = torch.as_tensor(rollouts.rewards).detach().cpu().double()  # (S,)
@@ -161,12 +182,23 @@ class Candidates:
                 f"Candidates.from_rollouts: rewards must be NaN-free with the shape of group_ids "
                 f"{tuple(gids.shape)}, got {tuple(rewards.shape)}"
             )
+        if (
+            isinstance(pass_threshold, bool)
+            or not isinstance(pass_threshold, int | float)
+            or not (math.isfinite(pass_threshold))
+        ):
+            raise GradAlignError(
+                "Candidates.from_rollouts: pass_threshold must be a finite number, got "
+                f"{pass_threshold!r}"
+            )
         st = group_stats(gids, rewards)
+        passed = group_stats(gids, (rewards >= pass_threshold).double())
         return cls(
             ids=st.ids,
             scores=scores,
             accuracy=st.mean.float() if bool(((rewards >= 0) & (rewards <= 1)).all()) else None,
             reward_std=st.std.float(),
+            pass_rate=passed.mean.float(),
             zero_spread=st.zero_spread(zero_spread_tol),
             zero_gradient=zero_gradient,
             task_scores=task_scores,

@@ -364,7 +364,7 @@ def all_reduce_batch_stats(
 
 
 def all_gather_candidates(rollouts: Rollouts | None, settings: Distributed) -> Candidates:
-    """Every rank's groups as one [`Candidates`][gradalign.candidates.Candidates] table (ids, accuracy, reward_std).
+    """Every rank's groups as one [`Candidates`][gradalign.candidates.Candidates] table (ids, accuracy, pass rate, reward_std).
 
     Pass rates and reward spreads are computed locally per group (a group lives on one rank), so
     they equal the single-process ones exactly.
@@ -376,10 +376,16 @@ def all_gather_candidates(rollouts: Rollouts | None, settings: Distributed) -> C
         {
             "accuracy": None if local is None else local.accuracy,
             "reward_std": None if local is None else local.reward_std,
+            "pass_rate": None if local is None else local.pass_rate,
         },
         settings,
     )
-    return Candidates(ids=ids, accuracy=rows["accuracy"], reward_std=rows["reward_std"])
+    return Candidates(
+        ids=ids,
+        accuracy=rows["accuracy"],
+        reward_std=rows["reward_std"],
+        pass_rate=rows["pass_rate"],
+    )
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

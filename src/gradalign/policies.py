@@ -89,6 +89,11 @@ def _need(policy: object, c: Candidates, name: str) -> torch.Tensor:
     return value
 
 
+def _pass_rate(policy: object, c: Candidates) -> torch.Tensor:
+    """The table's pass rate: ``pass_rate`` when set, else ``accuracy`` (the same for 0/1 rewards)."""
+    return c.pass_rate if c.pass_rate is not None else _need(policy, c, "accuracy")
+
+
 def _plain_int(value: Any) -> Any:
     """numpy integers as Python ints; bools and everything else unchanged (and then rejected)."""
     integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -259,7 +264,7 @@ class BottomK(_KeyTopK):
 
 
 class AccGreedy(_KeyTopK):
-    """Pass rate closest to 0.5: rank by ``|p - 0.5|`` ascending. Needs ``accuracy``.
+    """Pass rate closest to 0.5: rank by ``|p - 0.5|`` ascending. Needs ``pass_rate`` (or ``accuracy``).
 
     Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
 
@@ -276,11 +281,11 @@ class AccGreedy(_KeyTopK):
     descending = False
 
     def _key(self, c: Candidates) -> torch.Tensor:
-        return (_need(self, c, "accuracy") - 0.5).abs()
+        return (_pass_rate(self, c) - 0.5).abs()
 
 
 class Learnability(_KeyTopK):
-    """Rank by learnability ``p (1 - p)`` descending. Needs ``accuracy``.
+    """Rank by learnability ``p (1 - p)`` descending. Needs ``pass_rate`` (or ``accuracy``).
 
     Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
 
@@ -295,11 +300,11 @@ class Learnability(_KeyTopK):
     """
 
     def _key(self, c: Candidates) -> torch.Tensor:
-        return _learnability(_need(self, c, "accuracy"))
+        return _learnability(_pass_rate(self, c))
 
 
 class SimAcc(_KeyTopK):
-    """Rank by ``score * 4 p (1 - p)`` descending. Needs ``scores`` and ``accuracy``.
+    """Rank by ``score * 4 p (1 - p)`` descending. Needs ``scores`` and ``pass_rate`` (or ``accuracy``).
 
     Empty pool -> empty; k > G -> all + UserWarning; ties keep candidate order; NaN rejected.
 
@@ -314,11 +319,11 @@ class SimAcc(_KeyTopK):
     """
 
     def _key(self, c: Candidates) -> torch.Tensor:
-        return _need(self, c, "scores") * 4 * _learnability(_need(self, c, "accuracy"))
+        return _need(self, c, "scores") * 4 * _learnability(_pass_rate(self, c))
 
 
 class LearnAlign(_KeyTopK):
-    """Rank by ``cos(g_i, mean_j g_j) * p_i (1 - p_i)`` descending. Needs ``grads``, ``accuracy``.
+    """Rank by ``cos(g_i, mean_j g_j) * p_i (1 - p_i)`` descending. Needs ``grads``, ``pass_rate`` (or ``accuracy``).
 
     The mean (D,) runs over the candidates given: the pool's own mean gradient. Zero-norm rows, or a
     zero mean, have cosine 0. Empty pool -> empty; k > G -> all + UserWarning; ties stable.
@@ -336,7 +341,7 @@ class LearnAlign(_KeyTopK):
     def _key(self, c: Candidates) -> torch.Tensor:
         grads = _need(self, c, "grads")  # (G, D)
         mean = unit_rows(grads.mean(0, keepdim=True))  # (1, D)
-        return (unit_rows(grads) @ mean.T).squeeze(1) * _learnability(_need(self, c, "accuracy"))
+        return (unit_rows(grads) @ mean.T).squeeze(1) * _learnability(_pass_rate(self, c))
 
 
 class TopFraction(Policy):
@@ -421,7 +426,7 @@ class DropZeroVariance(Policy):
 class AccuracyBand(Policy):
     """A uniform sample without replacement among candidates with ``low <= p <= high``.
 
-    Needs ``accuracy``. Empty pool -> empty; NaN rejected.
+    Needs ``pass_rate`` (or ``accuracy``). Empty pool -> empty; NaN rejected.
 
     Args:
         low: lower pass-rate bound (inclusive).
@@ -449,7 +454,7 @@ class AccuracyBand(Policy):
         self.seed = _seed(self, seed)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
-        p = _need(self, candidates, "accuracy")
+        p = _pass_rate(self, candidates)
         eligible = ((p >= self.low) & (p <= self.high)).nonzero().flatten()
         perm = torch.randperm(len(eligible), generator=_generator(self.seed))
         what = f"candidates with {self.low} <= accuracy <= {self.high}"

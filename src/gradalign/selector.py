@@ -253,14 +253,41 @@ class GradAlign:
     ) -> Selection:
         """Score the candidates and apply the policy: the selected ids in rank order.
 
-        Arguments as for [`alignment`][gradalign.selector.GradAlign.alignment]; with several
-        processes every rank returns the same selection, the one a single process holding every
-        shard would make.
+        Args:
+            model: the current policy (a ``torch.nn.Module``; a peft model for ``LoRAGradient``).
+            candidates: rollouts of the candidate problems, one group per problem (group id =
+                problem id); with several processes, this rank's shard (None for none).
+            validation: rollouts of the trusted validation problems (this rank's shard,
+                likewise), or the [`Targets`][gradalign.alignment.Targets] of
+                [`targets`][gradalign.selector.GradAlign.targets] computed earlier this round.
+            tasks: optional mapping validation group id -> task label: one target per task,
+                per-task scores reduced by ``aggregate``.
+            progress: show progress bars.
+
+        Returns:
+            [`Selection`][gradalign.alignment.Selection]: ``ids`` (k,) in rank order,
+            their ``scores``, the whole scored ``candidates`` table and the ``alignment`` (both
+            scorers' values). With several processes every rank returns the same selection,
+            the one a single process holding every shard would make.
+
+        Raises:
+            GradAlignError: a bad input (not Rollouts, NaN rewards, mismatched shapes), every
+                validation group without reward spread (no target), non-finite gradients, a
+                policy returning ids that are not candidates, or ranks that disagree.
+
+        Examples:
+            >>> selector = GradAlign(FactorizedGradient(8, 8), policy=policies.TopK(1))
+            >>> validation = rollouts.select_groups([0, 1])
+            >>> sel = selector.select(model, rollouts.select_groups([2, 3]), validation)
+            >>> sel.ids.tolist(), sel.candidates.ids.tolist()
+            ([3], [2, 3])
+            >>> sel.alignment.cosine.shape, sel.alignment.inner_product.shape  # both scorers
+            (torch.Size([2]), torch.Size([2]))
         """
         comm = self._communicator()
         comm.check_same(self, model)
-        table = self._score(comm, model, candidates, validation, tasks, progress)
-        return self.apply_policy(table)
+        table, al = self._scored(comm, model, candidates, validation, tasks, progress)
+        return dataclasses.replace(self.apply_policy(table), alignment=al)
 
     # The pipeline (one path; the communicator combines what spans processes). ----------------
 
@@ -317,10 +344,21 @@ class GradAlign:
         tasks: Mapping[int, Any] | None,
         progress: bool,
     ) -> Candidates:
+        return self._scored(comm, model, candidates, validation, tasks, progress)[0]
+
+    def _scored(
+        self,
+        comm: Communicator,
+        model: nn.Module,
+        candidates: Rollouts | None,
+        validation: Rollouts | Targets | None,
+        tasks: Mapping[int, Any] | None,
+        progress: bool,
+    ) -> tuple[Candidates, Alignment]:
         al = self._alignment(comm, model, candidates, validation, tasks, progress)
         table = comm.gather_candidates(candidates)
         per_task = al.task_cosine if self.scorer == "cosine" else al.task_inner_product
-        return dataclasses.replace(
+        scored = dataclasses.replace(
             table,
             scores=al.scores(self.scorer),
             zero_spread=al.zero_spread,
@@ -328,6 +366,7 @@ class GradAlign:
             task_scores=per_task,
             grads=al.grads,
         )
+        return scored, al
 
     def _target_state(
         self,

@@ -1,6 +1,6 @@
 """What the demo reports: AUROC, the selection shares, the ranked table and the score histogram.
 
-Implementations: [`auroc`][gradalign.demo.report.auroc] (rank-based Mann-Whitney U), [`corrupted_share`][gradalign.demo.report.corrupted_share],
+Implementations: [`auroc`][gradalign.metrics.auroc] (from [`gradalign.metrics`][gradalign.metrics]), [`corrupted_share`][gradalign.demo.report.corrupted_share],
 [`format_table`][gradalign.demo.report.format_table], [`plot_histograms`][gradalign.demo.report.plot_histograms] (the paper's Figure 4, clean vs corrupted),
 [`SeedResult`][gradalign.demo.report.SeedResult] (one seed) and [`DemoResult`][gradalign.demo.report.DemoResult] (every seed, their means and the JSON file).
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradalign.errors import GradAlignError
+from gradalign.metrics import auroc, selected_share
 
 if TYPE_CHECKING:
     from gradalign.demo.run import DemoConfig
@@ -32,64 +32,9 @@ __all__ = [
 ]
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` with tied values sharing the mean of their ranks."""
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    start = 0
-    while start < len(x):
-        stop = start
-        while stop + 1 < len(x) and sorted_x[stop + 1] == sorted_x[start]:
-            stop += 1
-        ranks[order[start : stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
-
-
-def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` separating positives from negatives.
-
-    Computed as the Mann-Whitney U statistic over all (positive, negative) pairs: a pair counts 1
-    when the positive scores higher, 1/2 when they tie. 1.0 ranks every positive first, 0.5 is
-    chance (and the value when all scores are equal).
-
-    Args:
-        scores: (N,) finite scores; higher means "more likely positive".
-        positive: (N,) class labels.
-
-    Returns:
-        The AUROC in [0, 1].
-
-    Raises:
-        GradAlignError: If the shapes differ, a score is not finite, or a class is empty.
-
-    Examples:
-        >>> auroc([0.9, 0.1, 0.5, 0.5], [True, False, True, False])
-        0.875
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    pos = np.asarray(positive, dtype=bool)
-    if s.ndim != 1 or s.shape != pos.shape:
-        raise GradAlignError(
-            f"auroc: scores and positive must be 1-D of one length, got {s.shape} and {pos.shape}"
-        )
-    if not np.isfinite(s).all():
-        raise GradAlignError(f"auroc: scores must be finite, got {s[~np.isfinite(s)][:3]}")
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise GradAlignError(
-            f"auroc: needs both classes, got {n_pos} positive and {n_neg} negative"
-        )
-    rank_sum = _average_ranks(s)[pos].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def corrupted_share(selected: Sequence[int], corrupted: Collection[int]) -> float:
     """Fraction of the ``selected`` problem ids that are in ``corrupted`` (0.0 if none selected)."""
-    if len(selected) == 0:
-        return 0.0
-    return sum(int(i) in corrupted for i in selected) / len(selected)
+    return selected_share(selected, corrupted)
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,9 @@ from gradalign.demo.report import (
     corrupted_share,
     plot_histograms,
 )
-from gradalign.demo.sampling import render_prompts, sample_completions, stop_tokens
 from gradalign.errors import GradAlignError
 from gradalign.rollouts import group_stats
+from gradalign.sampling import render_prompts, sample_completions, stop_tokens
 
 __all__ = ["DemoConfig", "derived_seed", "run_demo", "run_seed"]
 
