@@ -81,7 +81,7 @@ def _data(vocab: int) -> tuple[Rollouts, Rollouts]:
 def _scenario(name: str) -> tuple[dict[str, Any], dict[int, str] | None]:
     """GradAlign settings and tasks of a scenario (built from its name in every process)."""
     if name == "mean-cosine":
-        return {"policy": TopK(3)}, None
+        return {"extractor": FullGradient(), "policy": TopK(3)}, None
     if name == "batch-inner-product-tasks":
         return {
             "extractor": FullGradient(group_chunk=2),

@@ -124,7 +124,7 @@ def test_float16_logits_that_overflow_raise(name: str, qwen: nn.Module) -> None:
 
 def test_select_raises_for_nonfinite_candidates_and_validation(qwen: nn.Module) -> None:
     """Both streams of GradAlign.select: candidate chunks and the validation target."""
-    selector = ga.GradAlign(objective=ga.GRPOObjective(scale_rewards="none"))
+    selector = ga.GradAlign(ga.FullGradient(), objective=ga.GRPOObjective(scale_rewards="none"))
     huge = _rollouts([1e38, 0.0, 0.0, 1.0], [3, 3, 9, 9])
     source = r".*\(from FullGradient\.per_group\)"
     with pytest.raises(GradAlignError, match=_nonfinite("GradAlign.select", [3]) + source):

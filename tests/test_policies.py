@@ -350,7 +350,8 @@ def test_missing_signal_messages():
         AccGreedy(1)(table(accuracy=True))
     assert str(err.value) == (
         "AccGreedy: candidates.accuracy is None; build candidates with "
-        "Candidates.from_rollouts(rollouts) or pass accuracy=..."
+        "Candidates.from_rollouts(rollouts) (rewards outside [0, 1]: name a pass_threshold) or "
+        "pass pass_rate=... or accuracy=..."
     )
     with pytest.raises(GradAlignError, match=r"^AccGreedy: candidates\.accuracy is None"):
         Chain(TopK(3), AccGreedy(1))(table(accuracy=True))
@@ -508,5 +509,5 @@ def test_pass_rate_counts_full_credit_and_pass_rate_policies_read_it() -> None:
     assert Candidates.from_rollouts(ro, pass_threshold=0.5).pass_rate.tolist() == [1.0, 0.5]
     # A table without pass_rate falls back to accuracy (the same for 0/1 rewards).
     assert AccGreedy(2)(Candidates(ids=table.ids, accuracy=table.accuracy)).tolist() == [0, 1]
-    with pytest.raises(GradAlignError, match="pass_threshold must be a finite number"):
+    with pytest.raises(GradAlignError, match="pass_threshold must be a finite number or None"):
         Candidates.from_rollouts(ro, pass_threshold=float("nan"))

@@ -55,7 +55,7 @@ def test_scores_and_selection_match_hand_computation(qwen: torch.nn.Module, data
     torch.testing.assert_close(sel.scores, cos[expected], rtol=1e-4, atol=1e-6)
     al = GradAlign(FullGradient()).alignment(qwen, cands, val)
     torch.testing.assert_close(al.inner_product, ip, rtol=1e-4, atol=1e-6)
-    table_ip = GradAlign(scorer="inner_product").score(qwen, cands, val)
+    table_ip = GradAlign(FullGradient(), scorer="inner_product").score(qwen, cands, val)
     torch.testing.assert_close(table_ip.scores, ip, rtol=1e-4, atol=1e-6)
 
 
@@ -70,7 +70,7 @@ def test_projected_scores_approximate_exact_ones(qwen: torch.nn.Module, data: tu
 def test_several_tasks_and_aggregation(qwen: torch.nn.Module, data: tuple) -> None:
     cands, val = data
     tasks = {10: "a", 11: "a", 12: "b"}
-    al = GradAlign(aggregate="min").alignment(qwen, cands, val, tasks=tasks)
+    al = GradAlign(FullGradient(), aggregate="min").alignment(qwen, cands, val, tasks=tasks)
     ext = FullGradient()
     g = ext.per_group(qwen, cands).grads
     vg = ext.per_group(qwen, val).grads
@@ -103,7 +103,7 @@ def test_bad_settings() -> None:
 def test_objective_variant_is_used(qwen: torch.nn.Module, data: tuple) -> None:
     cands, val = data
     obj = GRPOObjective(scale_rewards="none", loss_agg="seq-mean-token-sum")
-    al = GradAlign(objective=obj).alignment(qwen, cands, val)
+    al = GradAlign(FullGradient(), objective=obj).alignment(qwen, cands, val)
     ext = FullGradient()
     g = ext.per_group(qwen, cands, obj).grads
     t = ext.per_group(qwen, val, obj).grads.mean(0)

@@ -162,7 +162,7 @@ CASES: dict[str, tuple[Case, str]] = {
     ),
     "accuracy above 1": (
         lambda m, r, v: ga.Candidates(ids=torch.tensor([0, 1]), accuracy=torch.tensor([1.5, 0.0])),
-        r"Candidates: accuracy is a pass rate and must lie in \[0, 1\], got \[1.5\]",
+        r"Candidates: accuracy must lie in \[0, 1\], got \[1.5\]",
     ),
 }
 
@@ -188,3 +188,7 @@ def test_rewards_outside_unit_interval_leave_accuracy_unset(ro: ga.Rollouts) -> 
     assert table.reward_std is not None and table.reward_std.tolist() == [2.0, 2.0]
     with pytest.raises(ga.GradAlignError, match=r"AccGreedy: candidates.accuracy is None"):
         ga.policies.AccGreedy(1)(table)
+    shifted = _replace(ro, rewards=ro.rewards * 4.0 - 1.0)
+    named = ga.Candidates.from_rollouts(shifted, pass_threshold=3.0)
+    assert named.accuracy is None and named.pass_rate is not None
+    assert ga.policies.AccGreedy(1)(named).numel() == 1

@@ -146,7 +146,7 @@ class Candidates:
         grads: torch.Tensor | None = None,
         zero_gradient: torch.Tensor | None = None,
         zero_spread_tol: float = 0.0,
-        pass_threshold: float = 1.0,
+        pass_threshold: float | None = None,
     ) -> Candidates:
         """One row per group of ``rollouts``; accuracy, pass rate and reward spread come from its rewards.
 
@@ -157,13 +157,14 @@ class Candidates:
             grads: (G, D) group gradients.
             zero_gradient: (G,) bool zero-norm flags.
             zero_spread_tol: the tolerance of the zero-spread rule (use the objective's).
-            pass_threshold: a rollout passes when its reward is at least this (default 1.0: full
-                credit under 0/1 or partial-credit rewards in [0, 1]).
+            pass_threshold: a rollout passes when its reward is at least this. None (default):
+                1.0 (full credit) when every reward lies in [0, 1], else no pass rate (a reward
+                model's scores have no natural threshold; name one to get it).
 
         Returns:
             Candidates with ids = sorted unique group ids, accuracy = mean reward per group (None
             when a reward lies outside [0, 1]), pass_rate = fraction of rollouts with reward
-            ``>= pass_threshold``, and reward_std = population std (unbiased=False) per group,
+            ``>= pass_threshold`` (None as said above), and reward_std = population std (unbiased=False) per group,
             exactly 0 for constant groups.
 
         Examples:
@@ -182,23 +183,28 @@ class Candidates:
                 f"Candidates.from_rollouts: rewards must be NaN-free with the shape of group_ids "
                 f"{tuple(gids.shape)}, got {tuple(rewards.shape)}"
             )
-        if (
+        unit = bool(((rewards >= 0) & (rewards <= 1)).all())
+        if pass_threshold is None:
+            pass_threshold = 1.0 if unit else None
+        elif (
             isinstance(pass_threshold, bool)
             or not isinstance(pass_threshold, int | float)
-            or not (math.isfinite(pass_threshold))
+            or not math.isfinite(pass_threshold)
         ):
             raise GradAlignError(
-                "Candidates.from_rollouts: pass_threshold must be a finite number, got "
+                "Candidates.from_rollouts: pass_threshold must be a finite number or None, got "
                 f"{pass_threshold!r}"
             )
         st = group_stats(gids, rewards)
-        passed = group_stats(gids, (rewards >= pass_threshold).double())
+        passed = None
+        if pass_threshold is not None:
+            passed = group_stats(gids, (rewards >= pass_threshold).double()).mean.float()
         return cls(
             ids=st.ids,
             scores=scores,
-            accuracy=st.mean.float() if bool(((rewards >= 0) & (rewards <= 1)).all()) else None,
+            accuracy=st.mean.float() if unit else None,
             reward_std=st.std.float(),
-            pass_rate=passed.mean.float(),
+            pass_rate=passed,
             zero_spread=st.zero_spread(zero_spread_tol),
             zero_gradient=zero_gradient,
             task_scores=task_scores,

@@ -73,7 +73,8 @@ __all__ = [
 _PolicyFn = Callable[["Candidates"], torch.Tensor]
 _HINTS = {
     "scores": "pass scores=... (G,), e.g. Candidates.from_rollouts(rollouts, scores=sel.scores)",
-    "accuracy": "build candidates with Candidates.from_rollouts(rollouts) or pass accuracy=...",
+    "accuracy": "build candidates with Candidates.from_rollouts(rollouts) (rewards outside [0, 1]: "
+    "name a pass_threshold) or pass pass_rate=... or accuracy=...",
     "task_scores": "pass task_scores=... (G, Q), e.g. gradalign.cosine(grads, targets)",
     "grads": "pass grads=... (G, D), e.g. the .grads of an extractor's per_group(...) output",
 }

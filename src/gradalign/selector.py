@@ -30,7 +30,7 @@ from gradalign.alignment import Alignment, Selection, Targets
 from gradalign.communicator import Communicator, Local
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GradientExtractor
-from gradalign.extractors.full import FullGradient
+from gradalign.extractors.factorized import FactorizedGradient
 from gradalign.objective import BatchStats, GRPOObjective, Objective
 from gradalign.policies import Candidates, TopFraction
 from gradalign.rollouts import Rollouts
@@ -79,10 +79,14 @@ class GradAlign:
     """Gradient-aligned selection of RL training problems.
 
     Args:
-        extractor: computes per-group gradients; default [`FullGradient`][gradalign.extractors.full.FullGradient] (exact, the paper's).
+        extractor: computes per-group gradients; default
+            ``FactorizedGradient(32, 32)``: every linear layer's gradient projected to a 32 x 32
+            block (32 input and 32 output directions per layer), all candidates from one batched
+            backward, each group's prompt run once. ``FullGradient()`` is the exact, unprojected
+            gradient the paper uses (D = every trainable parameter: memory G x D).
         objective: the GRPO loss; default ``GRPOObjective()``.
         scorer: "cosine" (the paper's default) or "inner_product" (with the unit-norm target).
-        policy: ``Candidates -> selected ids``; default ``TopFraction(0.5)``.
+        policy: ``Candidates -> selected ids``; default ``TopFraction(0.25)``, the best quarter.
         target: how validation gradients form the target: "mean", "normalized-mean" or "batch".
         aggregate: with several validation tasks, how per-task scores reduce ("max", "mean", "min").
         keep_grads: keep candidate gradients on the result (for diversity-aware policies); costs
@@ -143,10 +147,10 @@ class GradAlign:
             )
         if policy is not None and not callable(policy):
             raise GradAlignError(f"GradAlign: policy must be callable, got {type(policy).__name__}")
-        self.extractor = FullGradient() if extractor is None else extractor
+        self.extractor = FactorizedGradient(32, 32) if extractor is None else extractor
         self.objective = GRPOObjective() if objective is None else objective
         self.scorer = scorer
-        self.policy = TopFraction(0.5) if policy is None else policy
+        self.policy = TopFraction(0.25) if policy is None else policy
         self.target = target
         self.aggregate = aggregate
         self.keep_grads = keep_grads
@@ -154,7 +158,7 @@ class GradAlign:
         if preconditioner is not None and not hasattr(self.extractor, "preconditioner"):
             raise GradAlignError(
                 "GradAlign: preconditioner needs an extractor over named parameters "
-                f"(FullGradient, RandomProjectedGradient), got {type(self.extractor).__name__}"
+                f"(FullGradient, RandomProjectedGradient), got {type(self.extractor).__name__}; pass extractor=FullGradient() (the default is FactorizedGradient(32, 32))"
             )
         self.preconditioner = preconditioner
 

@@ -276,8 +276,10 @@ class FactorizedGradient(GradientExtractor):
         share_prompts: run the prompt of a group's rollouts once per micro-batch and reuse its
             key/value cache for every rollout (the same numbers up to float rounding). A group of k
             rollouts then costs one prompt plus k responses instead of k prompts plus k responses:
-            the larger the prompt next to the responses, the larger the saving. Needs a
-            transformers model whose decoder returns a key/value cache.
+            the larger the prompt next to the responses, the larger the saving. On by default
+            (since 0.3.0): rows share only when their group and prompt tokens are equal, and a
+            model that is not a transformers decoder runs unshared. A transformers decoder without
+            a reorderable key/value cache raises; pass ``share_prompts=False`` for it.
 
     The model is left as found (requires_grad, ``.grad``, hooks, train/eval mode), also after an
     exception. With tied embeddings the head's segment holds only the output-head use of the
@@ -299,7 +301,7 @@ class FactorizedGradient(GradientExtractor):
     batch_size: int = DEFAULT_BATCH_SIZE
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
-    share_prompts: bool = False
+    share_prompts: bool = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__

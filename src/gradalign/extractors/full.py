@@ -161,7 +161,7 @@ class FullGradient(GradientExtractor):
         projection: a [`Projector`][gradalign.projection.Projector]: each group's gradient is projected
             to K as soon as it is computed (rows are (K,)); None keeps exact rows.
         share_prompts: run the group's prompt once per micro-batch and reuse its key/value cache
-            for every rollout (the same numbers up to float rounding; see
+            for every rollout (the same numbers up to float rounding; on by default, see
             [`FactorizedGradient`][gradalign.extractors.factorized.FactorizedGradient]).
 
     The model is left as found: requires_grad flags, ``.grad`` and train/eval mode (extraction runs
@@ -187,7 +187,7 @@ class FullGradient(GradientExtractor):
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
     preconditioner: Mapping[str, torch.Tensor] | None = None
-    share_prompts: bool = False
+    share_prompts: bool = True
     projection: Projector | None = None
 
     def __post_init__(self) -> None:
@@ -472,7 +472,7 @@ class RandomProjectedGradient(FullGradient):
         group_chunk: int | None = None,
         max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS,
         preconditioner: Mapping[str, torch.Tensor] | None = None,
-        share_prompts: bool = False,
+        share_prompts: bool = True,
         projection: Projector | None = None,
     ) -> None:
         if projection is None:

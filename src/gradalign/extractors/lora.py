@@ -137,7 +137,7 @@ class LoRAGradient(GradientExtractor):
     batch_size: int = DEFAULT_BATCH_SIZE
     group_chunk: int | None = None
     max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
-    share_prompts: bool = False
+    share_prompts: bool = True
     projection: Projector | None = None
 
     def __post_init__(self) -> None:

@@ -207,7 +207,7 @@ class GradAlignGRPOTrainer(GRPOTrainer):
         validation_dataset: the trusted validation problems, a ``datasets.Dataset`` with a
             ``prompt`` column and the extra columns the reward functions read.
         selector: a [`GradAlign`][gradalign.selector.GradAlign] (extractor, scorer, policy); default
-            ``GradAlign()`` (exact gradients, cosine, top half). Its objective is replaced by
+            ``GradAlign()`` (``FactorizedGradient(32, 32)``, cosine, the best quarter). Its objective is replaced by
             ``objective``.
         objective: the GRPO loss used for scoring; default ``objective_from_config(args)``.
         curriculum: the chunks of the pool; default ``Curriculum(len(train_dataset),

@@ -84,7 +84,7 @@ class SamplerSettings:
         chunk_size: M candidates per round; None = the whole dataset.
         seed: seed of the chunks and of the serving order; None = ``data.seed`` or 0.
         shuffle: serve each selection in a seeded random order (else in rank order).
-        select_fraction: keep the best ``round(fraction * M)`` candidates (the paper's M/q).
+        select_fraction: keep the best ``round(fraction * M)`` candidates (the paper's M/q; default 0.25, as ``GradAlign()``).
         select_k: keep the best k instead (overrides ``select_fraction``).
         scorer: "cosine" (the paper's) or "inner_product".
         target: validation target, "mean", "normalized-mean" or "batch".
@@ -98,7 +98,7 @@ class SamplerSettings:
     chunk_size: int | None = None
     seed: int | None = None
     shuffle: bool = True
-    select_fraction: float = 0.5
+    select_fraction: float = 0.25
     select_k: int | None = None
     scorer: str = "cosine"
     target: str = "mean"
