@@ -19,7 +19,7 @@ import numpy as np
 from gradalign.metrics import auroc, selected_share
 
 if TYPE_CHECKING:
-    from gradalign.demo.run import DemoConfig
+    from gradalign.demo.config import DemoConfig
 
 __all__ = [
     "DemoResult",
