@@ -2,10 +2,13 @@
 
 Run: ``python examples/tutorials/choose_extractor.py [--plot PNG]`` (about a minute on a CPU).
 Exactness is measured here on a tiny model; speed and memory on real models are in the table of the
-"Performance" page (``make bench``).
+"Performance" page (``make bench``). The page shows every section after the ``imports`` one, so
+each block can be pasted on its own.
 """
 
 import argparse
+
+# --8<-- [start:imports]
 import time
 
 import torch
@@ -13,6 +16,7 @@ import torch
 import gradalign as ga
 from gradalign.testing import tiny_model
 
+# --8<-- [end:imports]
 parser = argparse.ArgumentParser()
 parser.add_argument("--plot", help="write the exact-vs-approximate scatter plot to this PNG")
 args = parser.parse_args()

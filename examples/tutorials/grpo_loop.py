@@ -3,11 +3,14 @@
 Run: ``python examples/tutorials/grpo_loop.py`` (about half a minute on a CPU) for select then
 resample, ``python examples/tutorials/grpo_loop.py --scored`` for rounds that fill until informative
 and train on what was scored. A tiny random model learns a format reward (answer with a digit); the
-loop is the same for a real model.
+loop is the same for a real model. The page shows every section after the ``imports`` one (the
+two loops dedented), so each block can be pasted on its own.
 """
 
+import argparse
+
+# --8<-- [start:imports]
 import functools
-import sys
 
 import torch
 
@@ -15,19 +18,21 @@ import gradalign as ga
 from gradalign.policies import Chain, DropZeroVariance, TopFraction, TopK
 from gradalign.testing import tiny_model, tiny_tokenizer
 
+# --8<-- [end:imports]
+# --8<-- [start:rollouts]
 torch.manual_seed(0)
-tok, model = tiny_tokenizer(), tiny_model()
-tok.padding_side = "left"
+tok, model = tiny_tokenizer(), tiny_model()  # your policy and its tokenizer
+tok.padding_side = "left"  # generate continues every prompt from its last token
 pool = [f"{i % 9}+{i // 9}=" for i in range(36)]  # candidate problems, by index
 trusted = ["1+1=", "2*3=", "4-1=", "5+2="]  # the validation set
 k, rescore_every, steps, problems_per_step = 8, 4, 12, 4
 
 
 def reward(completion: str) -> float:
+    """Your verifier; here a format reward: 1 if the answer holds a digit."""
     return float(any(c.isdigit() for c in completion))
 
 
-# --8<-- [start:rollouts]
 def rollouts(prompts: list[str], ids: list[int]) -> ga.Rollouts:
     """Sample k completions per prompt with the current policy and reward them."""
     messages = [[{"role": "user", "content": p}] for p in prompts]
@@ -52,6 +57,7 @@ def rollouts(prompts: list[str], ids: list[int]) -> ga.Rollouts:
 # --8<-- [end:rollouts]
 
 
+# --8<-- [start:train_step]
 def train_step(
     batch: ga.Rollouts, objective: ga.GRPOObjective, optimizer: torch.optim.Optimizer
 ) -> None:
@@ -68,16 +74,15 @@ def train_step(
     model.eval()
 
 
+# --8<-- [end:train_step]
+
+
 def select_then_resample() -> None:
     # --8<-- [start:loop]
     objective = ga.GRPOObjective()  # the same loss trains the model and defines the gradients
-    selector = ga.GradAlign(
-        ga.FactorizedGradient(16, 16),
-        objective=objective,
-        policy=Chain(
-            DropZeroVariance(), TopFraction(0.5)
-        ),  # best-aligned half of those with spread
-    )
+    # the policy keeps the best-aligned half of the candidates that have reward spread
+    policy = Chain(DropZeroVariance(), TopFraction(0.5))
+    selector = ga.GradAlign(ga.FactorizedGradient(16, 16), objective=objective, policy=policy)
     curriculum = ga.Curriculum(pool_size=len(pool), chunk_size=16, seed=0)
     # endless: one iterator for the whole run that switches to each new selection at its next block
     sampler = ga.SelectionSampler(
@@ -88,9 +93,7 @@ def select_then_resample() -> None:
     validation_ids = [-1 - i for i in range(len(trusted))]  # ids no pool problem uses
 
     for step in range(steps):
-        if (
-            step % rescore_every == 0
-        ):  # a selection round: score a fresh chunk with the current model
+        if step % rescore_every == 0:  # a selection round: score a fresh chunk with the model
             chunk = curriculum.next_chunk().tolist()
             candidates = rollouts([pool[i] for i in chunk], chunk)
             selection = selector.select(model, candidates, rollouts(trusted, validation_ids))
@@ -138,4 +141,11 @@ def train_on_what_was_scored() -> None:
 
 
 if __name__ == "__main__":
-    train_on_what_was_scored() if "--scored" in sys.argv[1:] else select_then_resample()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--scored", action="store_true", help="fill rounds until informative, train on them"
+    )
+    if parser.parse_args().scored:
+        train_on_what_was_scored()
+    else:
+        select_then_resample()

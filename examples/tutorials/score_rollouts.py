@@ -2,13 +2,16 @@
 
 Run: ``python examples/tutorials/score_rollouts.py`` (seconds on a CPU). The tiny random model
 stands in for yours: swap in ``AutoModelForCausalLM.from_pretrained(...)`` and its tokenizer.
+The page shows every section after the ``imports`` one, so each block can be pasted on its own.
 """
 
+# --8<-- [start:imports]
 import torch
 
 import gradalign as ga
 from gradalign.testing import tiny_model, tiny_tokenizer
 
+# --8<-- [end:imports]
 # --8<-- [start:generate]
 tok, model = tiny_tokenizer(), tiny_model()
 tok.padding_side = "left"  # generate continues every prompt from its last token

@@ -5,8 +5,10 @@ random model stands in for the model you will train: the ranking is only as good
 samples and differentiates, so use the real one (the "Does it work?" page shows it on SmolLM2).
 """
 
+import argparse
+
+# --8<-- [start:imports]
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,12 +18,11 @@ import gradalign as ga
 from gradalign.policies import Chain, DropZeroVariance, TopFraction
 from gradalign.testing import tiny_model, tiny_tokenizer
 
-out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
-out_dir.mkdir(parents=True, exist_ok=True)
-tok, model = tiny_tokenizer(), tiny_model()
-tok.padding_side = "left"
-
+# --8<-- [end:imports]
 # --8<-- [start:data]
+tok, model = tiny_tokenizer(), tiny_model()  # the model you will train, and its tokenizer
+tok.padding_side = "left"  # generate continues every prompt from its last token
+out_dir = Path(tempfile.mkdtemp())  # where the ranked pool is written
 pool = [{"id": i, "prompt": f"{i % 7}+{i % 5}="} for i in range(24)]  # your candidate problems
 trusted = [{"id": -1 - i, "prompt": f"{i}*2="} for i in range(4)]  # a small trusted set
 k = 8  # completions per problem
@@ -55,6 +56,11 @@ def sample(problems: list[dict]) -> ga.Rollouts:
 
 # --8<-- [end:data]
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("out_dir", nargs="?", type=Path, help="write ranked.jsonl here")
+if (given := parser.parse_args().out_dir) is not None:
+    out_dir = given
+
 
 # --8<-- [start:score]
 torch.manual_seed(0)
@@ -77,6 +83,7 @@ keep = Chain(DropZeroVariance(), TopFraction(0.25))(table)  # the best quarter t
 # --8<-- [end:score]
 
 # --8<-- [start:write]
+out_dir.mkdir(parents=True, exist_ok=True)
 order = torch.argsort(table.scores, descending=True, stable=True)
 kept = set(keep.tolist())
 by_id = {p["id"]: p for p in pool}

@@ -9,6 +9,7 @@ Shapes: G candidates, D gradient dim, Q validation targets (tasks).
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -22,7 +23,7 @@ from gradalign.stats import group_stats
 if TYPE_CHECKING:
     from gradalign.rollouts import Rollouts
 
-__all__ = ["Candidates"]
+__all__ = ["CandidateTable", "Candidates"]
 
 # Optional field -> (dtype, number of dims).
 _FIELDS: dict[str, tuple[torch.dtype, int]] = {
@@ -281,20 +282,84 @@ class Candidates:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return {name: v for name, v in values.items() if v is not None}
 
-    def table(self, max_rows: int = 20) -> str:
-        """A compact text table of the first ``max_rows`` rows; 2-D fields appear as shapes."""
+    def table(self, max_rows: int = 20) -> CandidateTable:
+        """A compact table of the first ``max_rows`` rows; 2-D fields appear as shapes.
+
+        The result is a ``str`` (``print`` it); a notebook shows it as an HTML table.
+        """
         d = self.to_dict()
         cols = [n for n in ("ids", "scores", "accuracy", "reward_std", "zero_gradient") if n in d]
         shapes = "".join(f", {n} {tuple(d[n].shape)}" for n in ("task_scores", "grads") if n in d)
-        lines = [f"Candidates(G={len(self)}{shapes})", "  ".join(f"{c:>13}" for c in cols)]
-        for i in range(min(len(self), max_rows)):
-            vals = [d[c][i].item() for c in cols]
-            lines.append(
-                "  ".join(f"{v:>13.4g}" if isinstance(v, float) else f"{v!s:>13}" for v in vals)
+        rows = [
+            tuple(
+                f"{v:.4g}" if isinstance(v, float) else str(v)
+                for v in (d[c][i].item() for c in cols)
             )
-        if len(self) > max_rows:
-            lines.append(f"... ({len(self) - max_rows} more rows)")
-        return "\n".join(lines)
+            for i in range(min(len(self), max_rows))
+        ]
+        return CandidateTable.of(
+            f"Candidates(G={len(self)}{shapes})", cols, rows, max(0, len(self) - max_rows)
+        )
 
     def __repr__(self) -> str:
-        return self.table(max_rows=10)
+        return str(self.table(max_rows=10))
+
+    def _repr_html_(self) -> str:
+        return self.table(max_rows=10)._repr_html_()
+
+
+class CandidateTable(str):
+    """What [`Candidates.table`][gradalign.candidates.Candidates.table] returns: the text table, as a ``str``.
+
+    ``print(table)`` prints the text; Jupyter shows an HTML table (``_repr_html_``) and IPython
+    the text itself, not a quoted string with ``\\n`` escapes.
+
+    Attributes:
+        caption: the first line, e.g. ``Candidates(G=24, task_scores (24, 1))``.
+        columns: the column names.
+        rows: the shown rows, each cell as printed (floats to 4 significant digits).
+        more: the number of rows left out.
+
+    Examples:
+        >>> t = Candidates(ids=torch.tensor([3, 7]), scores=torch.tensor([0.25, -0.5])).table()
+        >>> print(t)
+        Candidates(G=2)
+                  ids         scores
+                    3           0.25
+                    7           -0.5
+        >>> t.rows, t._repr_html_().startswith("<table><caption>Candidates(G=2)</caption>")
+        ((('3', '0.25'), ('7', '-0.5')), True)
+    """
+
+    caption: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    more: int
+
+    @classmethod
+    def of(
+        cls, caption: str, columns: Sequence[str], rows: Sequence[Sequence[str]], more: int = 0
+    ) -> CandidateTable:
+        """The table whose text is the caption, then the columns and rows right-aligned in 13."""
+        lines = [caption, *("  ".join(f"{c:>13}" for c in row) for row in [columns, *rows])]
+        if more:
+            lines.append(f"... ({more} more rows)")
+        out = cls("\n".join(lines))
+        out.caption, out.columns, out.more = caption, tuple(columns), more
+        out.rows = tuple(tuple(row) for row in rows)
+        return out
+
+    def _repr_html_(self) -> str:
+        def cells(tag: str, row: Sequence[str]) -> str:
+            return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
+
+        body = "".join(f"<tr>{cells('td', row)}</tr>" for row in self.rows)
+        if self.more:
+            body += f'<tr><td colspan="{len(self.columns)}">... ({self.more} more rows)</td></tr>'
+        return (
+            f"<table><caption>{html.escape(self.caption)}</caption>"
+            f"<thead><tr>{cells('th', self.columns)}</tr></thead><tbody>{body}</tbody></table>"
+        )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))
