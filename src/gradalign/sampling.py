@@ -181,8 +181,6 @@ def sample_completions(
     Raises:
         GradAlignError: If ``k``, ``max_new_tokens`` or ``temperature`` is not positive.
     """
-    from tqdm.auto import tqdm
-
     if k < 1 or max_new_tokens < 1 or not temperature > 0:
         raise GradAlignError(
             "sample_completions: k and max_new_tokens must be >= 1 and temperature > 0, got "
@@ -193,7 +191,11 @@ def sample_completions(
     stop = {int(t) for t in stop_token_ids}
     out: list[list[int]] = []
     starts = range(0, len(prompt_ids), per)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    if progress:  # tqdm only when asked: importing tqdm.auto warns in notebooks without widgets
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False)
+    for start in starts:
         out += _sample_batch(
             model,
             prompt_ids[start : start + per],
