@@ -78,7 +78,9 @@ def test_every_public_name_has_an_api_entry(site: Path) -> None:
 
 def test_tutorials_and_notebooks_are_rendered(site: Path) -> None:
     pages = _pages(site)
-    for page in ("score-rollouts", "select-dataset", "grpo-loop", "trl", "choose-extractor"):
+    for page in (
+        "score-rollouts", "select-dataset", "grpo-loop", "trl", "choose-extractor", "reasoning-gym"
+    ):  # fmt: skip
         html = pages[f"tutorials/{page}/index.html"]
         assert "--8&lt;--" not in html and "--8<--" not in html, page  # includes resolved
         assert "gradalign" in html

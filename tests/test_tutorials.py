@@ -127,3 +127,52 @@ def test_choose_extractor(tmp_path: Path, plot: bool) -> None:
     assert rows["RandomProjectedGradient(8192)"][1] > 0.8
     assert rows["RandomProjectedGradient(1024)"][0] == 1024
     assert png.exists() == plot
+
+
+def test_reasoning_gym_tasks(tmp_path: Path) -> None:
+    pytest.importorskip("reasoning_gym")
+    out_json = tmp_path / "rg.json"
+    out = _run("reasoning_gym_tasks.py", "--model", "tiny", "--json", str(out_json))
+    result = json.loads(out_json.read_text())
+    tasks = ["letter_counting", "syllogism", "count_bits", "basic_arithmetic"]
+    (run,) = result["seeds"]
+    assert list(run["tasks"]) == tasks
+    for stats in run["tasks"].values():
+        assert 0.0 <= stats["pool_pass_rate"] <= stats["pool_mean_reward"] + 1e-6 <= 1.0 + 1e-6
+        assert 0 <= stats["validation_groups_with_spread"] <= 8 and len(stats["answers"]) == 8
+    # a task is skipped exactly when none of its validation groups has reward spread (no target)
+    skipped = [t for t in tasks if run["tasks"][t]["validation_groups_with_spread"] == 0]
+    assert run["skipped"] == sorted(skipped) and len(skipped) < len(tasks)
+    assert sorted(run["noisy"]) == sorted(run["mixed"]) == sorted(set(tasks) - set(skipped))
+    for task, res in run["noisy"].items():
+        rows = res["problems"]
+        bad = {r["id"] for r in rows if r["corrupted"]}
+        assert len(rows) == 8 and len(bad) == 4 and res["pool_share"] == 0.5
+        assert res["num_selected"] == 2  # TopFraction(0.25) of 8
+        assert all(-1.0 - 1e-6 <= r["cosine"] <= 1.0 + 1e-6 for r in rows)
+        # the corruption changes only the corrupted groups' rewards
+        assert all(r["pass_rate"] == r["true_pass_rate"] for r in rows if not r["corrupted"])
+        by_cosine = sorted(rows, key=lambda r: -r["cosine"])
+        assert sorted(res["selected"]["GradAlign"]) == sorted(r["id"] for r in by_cosine[:2])
+        for method, ids in res["selected"].items():
+            assert len(ids) == 2 and len(set(ids)) == 2
+            assert res["corrupted_share"][method] == sum(i in bad for i in ids) / 2, task
+            assert 0.0 <= res["auroc"][method] <= 1.0
+        pairs = [
+            (a["cosine"], b["cosine"])
+            for a in rows
+            for b in rows
+            if not a["corrupted"] and b["corrupted"]
+        ]  # clean above corrupted counts 1, a tie 1/2
+        by_hand = sum((x > y) + 0.5 * (x == y) for x, y in pairs) / len(pairs)
+        assert res["auroc"]["GradAlign"] == pytest.approx(by_hand)
+    for target, res in run["mixed"].items():
+        assert res["num_selected"] == 8 and res["pool_share"] == 0.25  # 8 of 4 x 8
+        for method, ids in res["selected"].items():
+            on_target = sum(i // 1000 == tasks.index(target) for i in ids)  # ids: task * 1000 + i
+            assert len(set(ids)) == 8 and res["target_share"][method] == on_target / 8, method
+        assert 0.0 <= res["auroc_GradAlign"] <= 1.0
+    # the summary holds each seed's numbers; one seed: its mean is that number and sd 0
+    share = result["summary"]["noisy"][next(iter(run["noisy"]))]["corrupted_share/GradAlign"]
+    assert share["sd"] == 0.0 and share["per_seed"] == [share["mean"]]
+    assert re.search(r"noisy\s+\w+\s+auroc/GradAlign\s+[0-9.]+ ± 0.000", out), out
