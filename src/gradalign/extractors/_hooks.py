@@ -25,7 +25,8 @@ from torch import nn
 
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import Segment
-from gradalign.projection import _LRU, Projector
+from gradalign.projection import Projector
+from gradalign.projection._hashing import _LRU
 
 
 @dataclass
