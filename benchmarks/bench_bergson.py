@@ -78,7 +78,8 @@ from bench_extractors import (
     small_qwen,
     smollm2,
 )
-from gradalign import FactorizedGradient, FullGradient, Rollouts, TokenWeightObjective
+from gradalign import FactorizedGradient, FullGradient, Rollouts
+from gradalign.objective import TokenWeightObjective
 
 Rows = torch.Tensor | None
 """(S, D) per-sequence rows over the linear layers' weights, or None (the training step)."""

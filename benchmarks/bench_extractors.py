@@ -55,12 +55,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from gradalign import GRPOObjective, Rollouts, response_logprobs
+from gradalign import GRPOObjective, Rollouts
 from gradalign.extractors import (
     FactorizedGradient,
     FullGradient,
     GradientExtractor,
     RandomProjectedGradient,
+    response_logprobs,
 )
 from gradalign.projection import project
 

@@ -51,6 +51,7 @@ import torch
 
 import gradalign as ga
 from gradalign.demo.problems import verify_line
+from gradalign.extractors import response_logprobs
 from gradalign.sampling import sample_completions, stop_tokens
 
 REGIMES: dict[str, tuple[str, ...]] = {
@@ -284,7 +285,7 @@ class Runner:
     def grpo_step(self, batch: ga.Rollouts) -> None:
         """One on-policy GRPO step (group-normalised advantages, token-mean) on ``batch``."""
         weights = ga.GRPOObjective().prepare(batch).token_weights()  # (S, T)
-        logp = ga.response_logprobs(
+        logp = response_logprobs(
             self.model,
             batch.input_ids,
             batch.attention_mask,
@@ -307,7 +308,7 @@ class Runner:
         ro = ga.Rollouts.from_token_ids(
             prompts, answers, [0.0] * len(prompts), list(range(len(prompts))), pad_token_id=self.pad
         )
-        lp = ga.response_logprobs(self.model, ro.input_ids, ro.attention_mask, ro.response_mask)
+        lp = response_logprobs(self.model, ro.input_ids, ro.attention_mask, ro.response_mask)
         return float(lp.sum(1).exp().mean())
 
     def shares(self, ids: list[int]) -> dict[str, float]:

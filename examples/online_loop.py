@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 import gradalign as ga
+from gradalign.extractors import GradientExtractor, response_logprobs
 from gradalign.policies import AccGreedy, Random, TopK
 from gradalign.testing import tiny_model, tiny_tokenizer
 
@@ -225,7 +226,7 @@ def grpo_step(
     """One on-policy GRPO update: loss = -sum w * log pi, w from group-relative advantages."""
     model.train()
     weights = obj.token_weights(rollouts)  # (S, T)
-    logp = ga.response_logprobs(
+    logp = response_logprobs(
         model, rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
     )  # (S, T)
     loss = -(weights * logp).sum()
@@ -280,7 +281,7 @@ def select(
 ) -> ga.Selection:
     """One round's selection; the baselines read only pass rates, so they skip the gradients."""
     if method == "GradAlign" and bool((validation.group_reward_spread() > 0).any()):
-        extractor: ga.GradientExtractor = (
+        extractor: GradientExtractor = (
             ga.RandomProjectedGradient(
                 dim=cfg.projection_dim, seed=cfg.seed, target_modules=cfg.target_modules
             )

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import gradalign as ga
+from gradalign.distributed import DistributedGradAlign
 from gradalign.testing import tiny_model
 from tests.helpers import make_rollouts
 
@@ -60,9 +61,7 @@ def main() -> None:
     )
     mine = cands.select_groups(list(range(rank * 4, rank * 4 + 4)))  # equal shards
     val_mine = val.select_groups([100 + 2 * rank, 101 + 2 * rank])
-    result["sharded_selection"] = (
-        ga.DistributedGradAlign(selector).select(model, mine, val_mine).ids
-    )
+    result["sharded_selection"] = DistributedGradAlign(selector).select(model, mine, val_mine).ids
     try:
         ga.FullGradient().per_group(model, cands)
         result["full"] = "no error"

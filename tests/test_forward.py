@@ -13,7 +13,6 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from gradalign import GradAlignError, GRPOObjective, Rollouts
-from gradalign._forward import response_logprobs
 from gradalign.extractors import (
     FactorizedGradient,
     FullGradient,
@@ -21,6 +20,7 @@ from gradalign.extractors import (
     LoRAGradient,
     RandomProjectedGradient,
 )
+from gradalign.extractors._forward import response_logprobs
 from tests.helpers import left_pad, make_rollouts
 
 GROUPS = [3, 3, 3, 3, 9, 9, 9, 1, 1, 1, 1]
@@ -218,7 +218,7 @@ def test_select_rows_keeps_left_padded_responses() -> None:
 def test_target_logprob_matches_log_softmax_values_and_gradients() -> None:
     """The one-pass log-prob of the target token against log_softmax + gather, values and
     gradients, with very negative and -inf logits; and a float64 gradcheck."""
-    from gradalign._forward import _TargetLogProb
+    from gradalign.extractors._forward import _TargetLogProb
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 50, generator=g, dtype=torch.float64) * 8

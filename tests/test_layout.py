@@ -110,3 +110,55 @@ def test_communicators_do_not_import_the_selector(module: str) -> None:
     assert paths and all(p.exists() for p in paths)
     for path in paths:
         assert "gradalign.selector" not in _runtime_imports(path), path
+
+
+# --- the namespace ---------------------------------------------------------------------------
+
+README = SRC.parents[1] / "README.md"
+
+
+def _pipeline_table() -> list[list[str]]:
+    text = README.read_text()
+    block = text[text.index("## The pipeline") :].split("\n\n")[2]
+    rows = [r.strip("|").split("|") for r in block.splitlines()[2:]]
+    assert len(rows) >= 10 and all(len(r) == 3 for r in rows), rows
+    return [[cell.strip() for cell in r] for r in rows]
+
+
+def _names(cell: str) -> list[str]:
+    return [n for n in cell.split("`")[1::2] if n.isidentifier()]
+
+
+def test_readme_pipeline_table_names_exist_where_it_says() -> None:
+    import importlib
+
+    top = set(ga.__all__)
+    listed_top: set[str] = set()
+    for stage, on_top, elsewhere in _pipeline_table():
+        for name in _names(on_top):
+            assert name in top and hasattr(ga, name), f"{stage}: gradalign.{name}"
+            listed_top.add(name)
+        for part in filter(None, (p.strip() for p in elsewhere.split(";"))):
+            module_cell, _, names = part.partition(":")
+            module = module_cell.strip().strip("`")
+            assert module.startswith("gradalign."), part
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:  # an integration whose optional extra is absent
+                continue
+            for name in _names(names):
+                assert hasattr(mod, name), f"{stage}: {module}.{name}"
+    assert listed_top == top - {"__version__"}, "every top-level name is in the table once"
+
+
+def test_top_level_is_small_and_moved_names_warn_once_with_their_new_home() -> None:
+    import importlib
+
+    assert len(ga.__all__) <= 20 and dir(ga) == sorted(ga.__all__)
+    for name, home in ga.MOVED.items():
+        assert name not in ga.__all__
+        with pytest.warns(DeprecationWarning, match=f"from {home} import {name}"):
+            obj = getattr(ga, name)
+        assert obj is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        ga.nothing_here  # noqa: B018

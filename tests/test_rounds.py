@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gradalign as ga
+from gradalign.alignment import Targets
 from gradalign.policies import AccGreedy, Random, TopK
 
 
@@ -186,7 +187,7 @@ def test_gradalign_round_against_reused_targets(qwen: torch.nn.Module) -> None:
     )
     selector = ga.GradAlign(ga.FactorizedGradient(4, 4), policy=TopK(3))
     targets = selector.targets(qwen, val)
-    assert isinstance(targets, ga.Targets) and targets.directions.shape[0] == 1
+    assert isinstance(targets, Targets) and targets.directions.shape[0] == 1
     cur = ga.Curriculum(pool_size=12, chunk_size=4, seed=1)
     sample = _sampler(set(range(0, 12, 2)))
     rnd = ga.fill_round(
@@ -205,7 +206,7 @@ def test_gradalign_round_against_reused_targets(qwen: torch.nn.Module) -> None:
     assert sorted(rnd.informative.tolist()) == sorted(passing.tolist())
     assert rnd.selection.scores is not None and (rnd.selection.scores[: len(passing)] > 0).all()
     with pytest.raises(ga.GradAlignError, match="Targets has 1 directions but 2 labels"):
-        selector.score(qwen, rnd.rollouts, ga.Targets(targets.directions, (0, 1)))
+        selector.score(qwen, rnd.rollouts, Targets(targets.directions, (0, 1)))
 
 
 def test_rollouts_concat() -> None:

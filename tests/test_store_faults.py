@@ -14,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from gradalign import BatchStats, GradAlignError, GRPOObjective, Objective, Rollouts, TokenWeights
+from gradalign import GradAlignError, GRPOObjective, Rollouts
 from gradalign.extractors import FactorizedGradient
+from gradalign.objective import Objective
 from gradalign.store import GradientStore
+from gradalign.token_weights import BatchStats, TokenWeights
 from tests.helpers import make_rollouts
 
 GROUPS = [g for g in range(12) for _ in range(3)]  # 12 groups of 3, ids 0..11

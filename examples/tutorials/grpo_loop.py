@@ -15,6 +15,7 @@ import functools
 import torch
 
 import gradalign as ga
+from gradalign.extractors import response_logprobs
 from gradalign.policies import Chain, DropZeroVariance, TopFraction, TopK
 from gradalign.testing import tiny_model, tiny_tokenizer
 
@@ -64,7 +65,7 @@ def train_step(
     """One GRPO step on ``batch`` (on-policy: the ratio is 1)."""
     model.train()
     weights = objective.token_weights(batch)  # (S, T) group-relative advantages per token
-    logp = ga.response_logprobs(
+    logp = response_logprobs(
         model, batch.input_ids, batch.attention_mask, batch.response_mask
     )  # (S, T)
     loss = -(weights * logp).sum()

@@ -10,71 +10,91 @@ a policy from [`gradalign.policies`][gradalign.policies] -> [`GradAlign`][gradal
 
 from __future__ import annotations
 
+import importlib
+import warnings
+from typing import Any
+
 from gradalign import policies
-from gradalign._forward import response_logprobs
-from gradalign.alignment import Alignment, Selection, Targets
+from gradalign.alignment import Selection
 from gradalign.candidates import Candidates
-from gradalign.curriculum import Curriculum, ProblemStats
-from gradalign.diagnostics import ScoreBreakdown, score_breakdown, segment_norms
-from gradalign.distributed import DistributedGradAlign
+from gradalign.curriculum import Curriculum
 from gradalign.errors import GradAlignError
 from gradalign.extractors import (
     FactorizedGradient,
     FullGradient,
-    GradientExtractor,
-    GroupGradients,
     LoRAGradient,
     RandomProjectedGradient,
 )
-from gradalign.objective import GRPOObjective, Objective, TokenWeightObjective
-from gradalign.preconditioning import AdamPreconditioner
+from gradalign.objective import GRPOObjective
 from gradalign.rollouts import ProblemIds, Rollouts
-from gradalign.rounds import Informative, Round, fill_round
+from gradalign.rounds import Informative, fill_round
 from gradalign.sampler import SelectionSampler
-from gradalign.scoring import aggregate_tasks, build_target, cosine, inner_product
+from gradalign.scoring import cosine, inner_product
 from gradalign.selector import GradAlign
 from gradalign.store import GradientStore
-from gradalign.token_weights import BatchStats, TokenWeights
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "AdamPreconditioner",
-    "Alignment",
-    "BatchStats",
     "Candidates",
     "Curriculum",
-    "DistributedGradAlign",
     "FactorizedGradient",
     "FullGradient",
     "GRPOObjective",
     "GradAlign",
     "GradAlignError",
-    "GradientExtractor",
     "GradientStore",
-    "GroupGradients",
     "Informative",
     "LoRAGradient",
-    "Objective",
     "ProblemIds",
-    "ProblemStats",
     "RandomProjectedGradient",
     "Rollouts",
-    "Round",
-    "ScoreBreakdown",
     "Selection",
     "SelectionSampler",
-    "Targets",
-    "TokenWeightObjective",
-    "TokenWeights",
     "__version__",
-    "aggregate_tasks",
-    "build_target",
     "cosine",
     "fill_round",
     "inner_product",
     "policies",
-    "response_logprobs",
-    "score_breakdown",
-    "segment_norms",
 ]
+
+# Names that were top-level until 0.2.0 and now live only in their subpackage. Reading one from
+# ``gradalign`` still works in 0.3.x, with a DeprecationWarning naming the new import; 0.4.0
+# removes these aliases.
+MOVED: dict[str, str] = {
+    "AdamPreconditioner": "gradalign.preconditioning",
+    "Alignment": "gradalign.alignment",
+    "Targets": "gradalign.alignment",
+    "BatchStats": "gradalign.token_weights",
+    "TokenWeights": "gradalign.token_weights",
+    "DistributedGradAlign": "gradalign.distributed",
+    "GradientExtractor": "gradalign.extractors",
+    "GroupGradients": "gradalign.extractors",
+    "response_logprobs": "gradalign.extractors",
+    "Objective": "gradalign.objective",
+    "TokenWeightObjective": "gradalign.objective",
+    "ProblemStats": "gradalign.curriculum",
+    "Round": "gradalign.rounds",
+    "ScoreBreakdown": "gradalign.diagnostics",
+    "score_breakdown": "gradalign.diagnostics",
+    "segment_norms": "gradalign.diagnostics",
+    "aggregate_tasks": "gradalign.scoring",
+    "build_target": "gradalign.scoring",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module 'gradalign' has no attribute {name!r}")
+    warnings.warn(
+        f"gradalign.{name} moved to {home}.{name} in 0.3.0 (use `from {home} import {name}`); "
+        "the top-level alias is removed in 0.4.0",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(home), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

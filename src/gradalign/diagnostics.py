@@ -64,7 +64,8 @@ class ScoreBreakdown:
         >>> from gradalign.testing import tiny_model
         >>> model = tiny_model()
         >>> out = ga.FactorizedGradient(4, 4).per_group(model, ro)
-        >>> parts = ga.score_breakdown(out, out.grads[0])  # which layers make each score
+        >>> from gradalign.diagnostics import score_breakdown
+        >>> parts = score_breakdown(out, out.grads[0])  # which layers make each score
         >>> parts.scores.round(decimals=4)  # group 0 against its own gradient
         tensor([1., 0.])
         >>> round(sum(parts.of(0).values()), 4)
@@ -140,6 +141,7 @@ def score_breakdown(
         A [`ScoreBreakdown`][gradalign.diagnostics.ScoreBreakdown]; unclaimed columns, if any, form an ``"(other)"`` segment.
 
     Examples:
+        >>> from gradalign.scoring import build_target
         >>> cands = FactorizedGradient(dim_in=8, dim_out=8).per_group(model, rollouts)
         >>> parts = score_breakdown(cands, build_target(cands)).merge()  # one row per layer
         >>> parts.names
@@ -195,7 +197,8 @@ def segment_norms(candidates: GroupGradients) -> tuple[tuple[str, ...], torch.Te
         ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
         >>> from gradalign.testing import tiny_model
         >>> model = tiny_model()
-        >>> names, norms = ga.segment_norms(ga.FactorizedGradient(4, 4).per_group(model, ro))
+        >>> from gradalign.diagnostics import segment_norms
+        >>> names, norms = segment_norms(ga.FactorizedGradient(4, 4).per_group(model, ro))
         >>> names[0], norms.shape
         ('model.layers.0.self_attn.q_proj', torch.Size([2, 15]))
     """

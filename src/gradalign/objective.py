@@ -64,11 +64,13 @@ class Objective(ABC):
         >>> import torch, gradalign as ga
         >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
         ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
-        >>> class NegatedGRPO(ga.Objective):  # a loss of your own: prepare() gives its token weights
+        >>> from gradalign.objective import Objective
+        >>> from gradalign.token_weights import TokenWeights
+        >>> class NegatedGRPO(Objective):  # a loss of your own: prepare() gives its token weights
         ...     def prepare(self, rollouts, stats=None):
         ...         tw = ga.GRPOObjective().prepare(rollouts, stats)
-        ...         return ga.TokenWeights(-tw.advantages, tw.aggregation, tw.response_mask,
-        ...                                tw.row_zero_spread)
+        ...         return TokenWeights(-tw.advantages, tw.aggregation, tw.response_mask,
+        ...                             tw.row_zero_spread)
         >>> NegatedGRPO().prepare(ro).advantages[:2]
         tensor([-0.7070,  0.7070])
     """

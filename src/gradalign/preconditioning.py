@@ -39,7 +39,8 @@ class AdamPreconditioner(Mapping[str, torch.Tensor]):
         >>> opt = torch.optim.Adam(model.parameters())
         >>> model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
         >>> opt.step()
-        >>> pre = ga.AdamPreconditioner.from_optimizer(opt, model)  # g / (sqrt(v_hat) + eps)
+        >>> from gradalign.preconditioning import AdamPreconditioner
+        >>> pre = AdamPreconditioner.from_optimizer(opt, model)  # g / (sqrt(v_hat) + eps)
         >>> selector = ga.GradAlign(ga.FullGradient(target_modules=["lm_head"]), preconditioner=pre)
     """
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradalign._forward import cache_argument
 from gradalign.errors import GradAlignError
+from gradalign.extractors._forward import cache_argument
 from gradalign.rollouts import Rollouts
 
 __all__ = [

@@ -37,7 +37,8 @@ class BatchStats:
         >>> import torch, gradalign as ga
         >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6], [7, 8], [7, 8]],
         ...     [[9, 1], [10, 1], [11, 1], [12, 1]], [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
-        >>> ga.BatchStats.of(ro)  # combine shards' stats with .combine
+        >>> from gradalign.token_weights import BatchStats
+        >>> BatchStats.of(ro)  # combine shards' stats with .combine
         BatchStats(count=4.0, reward_sum=3.0, reward_sq_sum=3.0, max_response_length=2)
     """
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import gradalign as ga
+from gradalign.alignment import Alignment
 from gradalign.demo.config import EXTRACTORS, DemoConfig
 from gradalign.demo.models import load_smollm2, load_tiny
 from gradalign.demo.problems import (
@@ -41,6 +42,7 @@ from gradalign.demo.report import (
     corrupted_share,
     plot_histograms,
 )
+from gradalign.extractors import GradientExtractor
 from gradalign.rollouts import group_stats
 from gradalign.sampling import render_prompts, sample_completions, stop_tokens
 
@@ -126,14 +128,14 @@ def _to_rollouts(sampled: _Sampled, rewards: list[float], pad_token_id: int) -> 
     )
 
 
-def _extractor(config: DemoConfig) -> ga.GradientExtractor:
+def _extractor(config: DemoConfig) -> GradientExtractor:
     if config.extractor == "full":
         return ga.FullGradient(batch_size=config.grad_batch_size, share_prompts=True)
     k = config.projection_dim
     return ga.FactorizedGradient(k, k, batch_size=config.grad_batch_size, share_prompts=True)
 
 
-def _select(al: ga.Alignment, table: ga.Candidates, k: int, seed: int) -> dict[str, list[int]]:
+def _select(al: Alignment, table: ga.Candidates, k: int, seed: int) -> dict[str, list[int]]:
     """The selections of GradAlign (both scores), AccGreedy and Random, all of size ``k``."""
     top = ga.policies.TopK(k)
     picks = {
@@ -202,7 +204,7 @@ def run_seed(
 def _finish(
     seed: int,
     config: DemoConfig,
-    al: ga.Alignment,
+    al: Alignment,
     train: ga.Rollouts,
     train_s: _Sampled,
     val_s: _Sampled,

@@ -11,8 +11,12 @@ returning [`GroupGradients`][gradalign.extractors.base.GroupGradients]:
   of each linear layer's input and output gradient, every candidate from one batched backward;
 - [`LoRAGradient`][gradalign.extractors.lora.LoRAGradient]: the gradient of a peft model's LoRA
   adapter weights, optionally projected.
+
+[`response_logprobs`][gradalign.extractors.response_logprobs] is the forward pass they share: the
+per-token log-probabilities of the response tokens, with the vocabulary's log-softmax chunked.
 """
 
+from gradalign.extractors._forward import response_logprobs
 from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment
 from gradalign.extractors.factorized import FactorizedGradient
 from gradalign.extractors.full import FullGradient, RandomProjectedGradient
@@ -26,4 +30,5 @@ __all__ = [
     "LoRAGradient",
     "RandomProjectedGradient",
     "Segment",
+    "response_logprobs",
 ]

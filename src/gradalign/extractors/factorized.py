@@ -29,15 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradalign._forward import (
+from gradalign._modules import TargetModules, check_target_modules, match_modules
+from gradalign._validate import check_choice, check_int, check_seed
+from gradalign.errors import GradAlignError
+from gradalign.extractors._forward import (
     DEFAULT_LOGITS_ELEMENTS,
     _split_model,
     response_logprobs,
     unsharded_root,
 )
-from gradalign._modules import TargetModules, check_target_modules, match_modules
-from gradalign._validate import check_choice, check_int, check_seed
-from gradalign.errors import GradAlignError
 from gradalign.extractors._hooks import Recorder as _Recorder
 from gradalign.extractors._hooks import _Site
 from gradalign.extractors._hooks import build_sites as _build_sites

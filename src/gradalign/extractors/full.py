@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradalign._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root, response_logprobs
 from gradalign._modules import TargetModules, check_target_modules, target_parameters
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
+from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root, response_logprobs
 from gradalign.extractors.base import (
     CHUNK_BYTES,
     DEFAULT_BATCH_SIZE,

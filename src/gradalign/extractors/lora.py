@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradalign._forward import DEFAULT_LOGITS_ELEMENTS
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
+from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS
 from gradalign.extractors.base import DEFAULT_BATCH_SIZE, GradientExtractor, GroupGradients
 from gradalign.extractors.factorized import check_settings, factorized_chunks, factorized_packs
 from gradalign.objective import Objective, TokenWeights

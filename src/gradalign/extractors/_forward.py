@@ -303,7 +303,7 @@ def response_logprobs(
 ) -> torch.Tensor:
     """(S, T) float32 log pi(input_ids[s, t] | input_ids[s, :t]) at response positions, 0 elsewhere.
 
-    The log-probabilities a GRPO step differentiates (``gradalign.response_logprobs``): logits only
+    The log-probabilities a GRPO step differentiates (``gradalign.extractors.response_logprobs``): logits only
     at response positions, the vocabulary projection chunked, any padding side.
 
     Args:
@@ -322,9 +322,10 @@ def response_logprobs(
 
     Examples:
         >>> import torch, gradalign as ga
+        >>> from gradalign.extractors import response_logprobs
         >>> from gradalign.testing import tiny_model
         >>> ro = ga.Rollouts.from_token_ids([[5, 6], [5, 6]], [[7, 8], [9]], [1.0, 0.0], [0, 0])
-        >>> lp = ga.response_logprobs(tiny_model(), ro.input_ids, ro.attention_mask, ro.response_mask)
+        >>> lp = response_logprobs(tiny_model(), ro.input_ids, ro.attention_mask, ro.response_mask)
         >>> lp.shape, bool((lp[ro.response_mask] < 0).all()), bool((lp[~ro.response_mask] == 0).all())
         (torch.Size([2, 4]), True, True)
     """

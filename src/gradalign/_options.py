@@ -1,0 +1,167 @@
+"""Private: settings as frozen dataclasses whose fields declare their own check.
+
+Every settings class of the library (extractors, the objective, the projector, the distributed
+settings, the policies) is a frozen dataclass; each field that needs a check is declared with
+``option(default, rule)`` and ``check_options(self)`` in ``__post_init__`` runs every rule in field
+order. A rule returns the value to store (a numpy integer becomes an ``int``), so a built object
+holds only checked, plain values, and being frozen it stays that way. Choices are ``Literal``
+types: ``choice(ScaleRewards)`` accepts exactly the strings of ``ScaleRewards``.
+
+Messages name the call, the rule and the value received:
+``GRPOObjective: eps must be >= 0, got -1.0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+from gradalign._validate import SEED_RANGE, check_int
+from gradalign.errors import GradAlignError
+
+__all__ = [
+    "Rule",
+    "boolean",
+    "check_options",
+    "choice",
+    "choices",
+    "instance",
+    "integer",
+    "option",
+    "real",
+    "seed",
+]
+
+Check = Callable[[str, str, Any], Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One field's check: ``check(call, name, value)`` returns the value to store or raises."""
+
+    check: Check
+    describe: str
+
+
+def option(default: Any, rule: Rule) -> Any:
+    """A dataclass field with ``default`` whose value ``rule`` checks in ``check_options``."""
+    return field(default=default, metadata={"rule": rule})
+
+
+def check_options(obj: Any, call: str | None = None) -> None:
+    """Run the rule of every field of the dataclass ``obj`` declared with ``option``; store the
+    normalized values (also on a frozen dataclass)."""
+    call = call or type(obj).__name__
+    for f in dataclasses.fields(obj):
+        rule = f.metadata.get("rule")
+        if rule is None:
+            continue
+        value = getattr(obj, f.name)
+        checked = rule.check(call, f.name, value)
+        if checked is not value:
+            object.__setattr__(obj, f.name, checked)
+
+
+def _plain_int(value: Any) -> Any:
+    """numpy integers as Python ints; bools and everything else unchanged (then rejected)."""
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return operator.index(value) if integral and not isinstance(value, int) else value
+
+
+def integer(minimum: int | None = None, maximum: int | None = None, *, none: bool = False) -> Rule:
+    """An int (numpy integers accepted, bools refused) within the bounds; None when ``none``."""
+
+    def check(call: str, name: str, value: Any) -> Any:
+        return check_int(call, name, _plain_int(value), minimum, maximum, allow_none=none)
+
+    return Rule(check, f"int >= {minimum}" if minimum is not None else "int")
+
+
+def seed() -> Rule:
+    """A seed ``torch.Generator.manual_seed`` accepts: an int from 0 to 2**64 - 1."""
+    return integer(*SEED_RANGE)
+
+
+def real(
+    minimum: float | None = None,
+    *,
+    none: bool = False,
+    finite: bool = True,
+    ok: Callable[[float], bool] | None = None,
+    rule: str | None = None,
+) -> Rule:
+    """A real number (bools refused), finite unless ``finite=False``, never NaN, ``>= minimum``;
+    ``ok``/``rule`` state a further condition and how to say it."""
+
+    def check(call: str, name: str, value: Any) -> Any:
+        if value is None and none:
+            return None
+        or_none = " or None" if none else ""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise GradAlignError(
+                f"{call}: {name} must be a real number{or_none}, got "
+                f"{type(value).__name__} {value!r}"
+            )
+        number = float(value)
+        if math.isnan(number) or (finite and math.isinf(number)):
+            raise GradAlignError(f"{call}: {name} must be finite, got {value!r}")
+        if minimum is not None and not number >= minimum:
+            raise GradAlignError(f"{call}: {name} must be >= {minimum}{or_none}, got {value!r}")
+        if ok is not None and not ok(number):
+            raise GradAlignError(f"{call}: {name} must be {rule}, got {value!r}")
+        return number if not isinstance(value, (int, float)) else value
+
+    return Rule(check, rule or "real")
+
+
+def boolean() -> Rule:
+    """True or False (not 0/1)."""
+
+    def check(call: str, name: str, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise GradAlignError(f"{call}: {name} must be a bool, got {value!r}")
+        return value
+
+    return Rule(check, "bool")
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The strings of a ``Literal[...]`` type, in order."""
+    values = get_args(literal)
+    assert values and all(isinstance(v, str) for v in values), literal
+    return values
+
+
+def choice(literal: Any, *, none: bool = False) -> Rule:
+    """One of the strings of the ``Literal`` type ``literal``; None when ``none``."""
+    allowed = choices(literal)
+
+    def check(call: str, name: str, value: Any) -> Any:
+        if value is None and none:
+            return None
+        if not isinstance(value, str) or value not in allowed:
+            raise GradAlignError(f"{call}: {name} must be one of {allowed}, got {value!r}")
+        return value
+
+    return Rule(check, f"one of {allowed}")
+
+
+def instance(cls: type, what: str, *, none: bool = True) -> Rule:
+    """An instance of ``cls`` (named ``what`` in the message); None when ``none``."""
+
+    def check(call: str, name: str, value: Any) -> Any:
+        if value is None and none:
+            return None
+        if not isinstance(value, cls):
+            or_none = " or None" if none else ""
+            raise GradAlignError(
+                f"{call}: {name} must be a {what}{or_none}, got {type(value).__name__}"
+            )
+        return value
+
+    return Rule(check, what)
