@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -107,7 +108,9 @@ def test_progress_counts_groups(
     _FakeBar.made = []
     ro = make_rollouts(vocab=qwen.config.vocab_size, groups=GROUPS, rewards=REWARDS)
     ext = _extractors()[name]
-    ext.group_chunk = None  # one chunk: the bar must still move group by group
+    ext = dataclasses.replace(
+        ext, group_chunk=None
+    )  # one chunk: the bar must still move group by group
     ext.per_group(_model(name, qwen), ro, progress=True)
     (bar,) = _FakeBar.made
     assert bar.total == 4

@@ -375,7 +375,7 @@ def test_drop_zero_variance_missing_both():
         (lambda: TopFraction(1.5), "TopFraction: fraction must be in (0, 1], got 1.5"),
         (lambda: Threshold(math.nan), "Threshold: min_score must be a real number, not NaN"),
         (lambda: AccuracyBand(0.8, 0.2), "AccuracyBand: high must be >= low=0.8, got 0.2"),
-        (lambda: AccuracyBand(k=0), "AccuracyBand: k must be an int >= 1, got 0"),
+        (lambda: AccuracyBand(k=0), "AccuracyBand: k must be an int >= 1 or None, got 0"),
         (
             lambda: Random(3, seed=-1),
             "Random: seed must be an int from 0 to 18446744073709551615, got -1",

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from gradalign._options import Rule
 from gradalign.errors import GradAlignError
 
 TargetModules = str | Sequence[str] | None
@@ -31,6 +32,15 @@ def _output_head_names(model: nn.Module) -> set[str]:
 def _is_adapter_piece(name: str) -> bool:
     # peft wraps a targeted Linear; the wrapper keeps its name, its pieces sit below it.
     return ".lora_" in name or ".base_layer" in name or name.startswith(("lora_", "base_layer"))
+
+
+def _target_modules_rule(call: str, name: str, value: Any) -> Any:
+    check_target_modules(call, value)
+    return value
+
+
+TARGET_MODULES_RULE = Rule(_target_modules_rule, "None, a string or a list of strings")
+"""The check of every extractor's ``target_modules`` field."""
 
 
 def check_target_modules(call: str, target_modules: Any) -> None:

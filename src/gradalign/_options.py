@@ -34,7 +34,8 @@ __all__ = [
     "integer",
     "option",
     "real",
-    "seed",
+    "required",
+    "seed_rule",
 ]
 
 Check = Callable[[str, str, Any], Any]
@@ -48,9 +49,14 @@ class Rule:
     describe: str
 
 
-def option(default: Any, rule: Rule) -> Any:
+def option(default: Any, rule: Rule, *, kw_only: bool = False) -> Any:
     """A dataclass field with ``default`` whose value ``rule`` checks in ``check_options``."""
-    return field(default=default, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule}, kw_only=kw_only)
+
+
+def required(rule: Rule) -> Any:
+    """A dataclass field without a default whose value ``rule`` checks in ``check_options``."""
+    return field(metadata={"rule": rule})
 
 
 def check_options(obj: Any, call: str | None = None) -> None:
@@ -82,7 +88,7 @@ def integer(minimum: int | None = None, maximum: int | None = None, *, none: boo
     return Rule(check, f"int >= {minimum}" if minimum is not None else "int")
 
 
-def seed() -> Rule:
+def seed_rule() -> Rule:
     """A seed ``torch.Generator.manual_seed`` accepts: an int from 0 to 2**64 - 1."""
     return integer(*SEED_RANGE)
 
@@ -95,26 +101,34 @@ def real(
     ok: Callable[[float], bool] | None = None,
     rule: str | None = None,
 ) -> Rule:
-    """A real number (bools refused), finite unless ``finite=False``, never NaN, ``>= minimum``;
-    ``ok``/``rule`` state a further condition and how to say it."""
+    """A real number (bools refused), never NaN, finite unless ``finite=False``, ``>= minimum``
+    and passing ``ok``. With ``rule`` every failure says ``must be {rule}``; without, each names
+    its own condition (a real number, finite, the bound)."""
 
     def check(call: str, name: str, value: Any) -> Any:
         if value is None and none:
             return None
         or_none = " or None" if none else ""
+
+        def fail(default: str) -> GradAlignError:
+            said = rule if rule is not None else default
+            return GradAlignError(f"{call}: {name} must be {said}{or_none}, got {value!r}")
+
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if rule is not None:
+                raise fail("")
             raise GradAlignError(
                 f"{call}: {name} must be a real number{or_none}, got "
                 f"{type(value).__name__} {value!r}"
             )
         number = float(value)
         if math.isnan(number) or (finite and math.isinf(number)):
-            raise GradAlignError(f"{call}: {name} must be finite, got {value!r}")
+            raise fail("finite" if finite else "a real number, not NaN")
         if minimum is not None and not number >= minimum:
-            raise GradAlignError(f"{call}: {name} must be >= {minimum}{or_none}, got {value!r}")
+            raise fail(f">= {minimum}")
         if ok is not None and not ok(number):
-            raise GradAlignError(f"{call}: {name} must be {rule}, got {value!r}")
-        return number if not isinstance(value, (int, float)) else value
+            raise fail("valid")
+        return value if isinstance(value, (int, float)) else number
 
     return Rule(check, rule or "real")
 

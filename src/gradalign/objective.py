@@ -16,12 +16,13 @@ Shape glossary: S sequences, T tokens, G groups.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from gradalign._options import check_options, choice, choices, integer, option, real
 from gradalign.errors import GradAlignError
 from gradalign.rollouts import Rollouts
 from gradalign.stats import group_stats
@@ -32,19 +33,22 @@ __all__ = [
     "REWARD_SCALINGS",
     "BatchStats",
     "GRPOObjective",
+    "LossAgg",
     "Objective",
+    "ScaleRewards",
     "TokenWeightObjective",
     "TokenWeights",
     "prepare_weights",
 ]
 
-REWARD_SCALINGS = ("group", "none", "batch")
-LOSS_AGGREGATIONS = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
+ScaleRewards = Literal["group", "none", "batch"]
+"""How advantages are scaled (``GRPOObjective.scale_rewards``)."""
+LossAgg = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
+"""How token terms are aggregated inside a group (``GRPOObjective.loss_agg``)."""
+REWARD_SCALINGS: tuple[str, ...] = choices(ScaleRewards)
+LOSS_AGGREGATIONS: tuple[str, ...] = choices(LossAgg)
 
 
 def _divide(centred: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -151,58 +155,17 @@ class GRPOObjective(Objective):
         >>> obj = GRPOObjective(scale_rewards="none", loss_agg="seq-mean-token-sum")
     """
 
-    scale_rewards: str = "group"
-    loss_agg: str = "token-mean"
-    eps: float = 1e-4
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    kl_coef: float = 0.0
-    max_response_length: int | None = None
-    zero_spread_tol: float = 0.0
+    scale_rewards: ScaleRewards = option("group", choice(ScaleRewards))
+    loss_agg: LossAgg = option("token-mean", choice(LossAgg))
+    eps: float = option(1e-4, real(0))
+    clip_low: float = option(0.2, real(0))
+    clip_high: float | None = option(None, real(0, none=True))
+    kl_coef: float = option(0.0, real(0))
+    max_response_length: int | None = option(None, integer(1, none=True))
+    zero_spread_tol: float = option(0.0, real(0))
 
     def __post_init__(self) -> None:
-        name = "GRPOObjective"
-        for field in ("eps", "clip_low", "clip_high", "kl_coef", "zero_spread_tol"):
-            value = getattr(self, field)
-            if value is None and field == "clip_high":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise GradAlignError(
-                    f"{name}: {field} must be a real number, got {type(value).__name__} {value!r}"
-                )
-            if not math.isfinite(value):
-                raise GradAlignError(f"{name}: {field} must be finite, got {value}")
-        if self.max_response_length is not None and (
-            isinstance(self.max_response_length, bool)
-            or not isinstance(self.max_response_length, int)
-        ):
-            raise GradAlignError(
-                f"{name}: max_response_length must be an int or None, got "
-                f"{self.max_response_length!r}"
-            )
-        if self.scale_rewards not in REWARD_SCALINGS:
-            raise GradAlignError(
-                f"{name}: scale_rewards must be one of {REWARD_SCALINGS}, got {self.scale_rewards!r}"
-            )
-        if self.loss_agg not in LOSS_AGGREGATIONS:
-            raise GradAlignError(
-                f"{name}: loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}"
-            )
-        for field, value in (("eps", self.eps), ("clip_low", self.clip_low)):
-            if not value >= 0:
-                raise GradAlignError(f"{name}: {field} must be >= 0, got {value}")
-        if self.clip_high is not None and not self.clip_high >= 0:
-            raise GradAlignError(f"{name}: clip_high must be >= 0 or None, got {self.clip_high}")
-        if not self.kl_coef >= 0:
-            raise GradAlignError(f"{name}: kl_coef must be >= 0, got {self.kl_coef}")
-        if self.max_response_length is not None and self.max_response_length < 1:
-            raise GradAlignError(
-                f"{name}: max_response_length must be >= 1 or None, got {self.max_response_length}"
-            )
-        if not self.zero_spread_tol >= 0:
-            raise GradAlignError(
-                f"{name}: zero_spread_tol must be >= 0, got {self.zero_spread_tol}"
-            )
+        check_options(self)
 
     def needs_logprobs(self, rollouts: Rollouts) -> bool:
         """Whether the weights depend on the current log-probs (PPO ratio or KL term)."""

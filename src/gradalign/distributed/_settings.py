@@ -10,7 +10,17 @@ from typing import Any
 import torch.distributed as dist
 
 from gradalign._calls import current_call
+from gradalign._options import Rule, check_options, option
 from gradalign.errors import GradAlignError
+
+
+def _check_timeout(call: str, name: str, value: Any) -> Any:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0
+    ):
+        raise GradAlignError(f"{call}: {name} must be > 0 seconds or None, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -30,13 +40,10 @@ class Distributed:
     """
 
     group: Any = None
-    timeout: float | timedelta | None = None
+    timeout: float | timedelta | None = option(None, Rule(_check_timeout, "seconds > 0"))
 
     def __post_init__(self) -> None:
-        t = self.timeout
-        seconds = t.total_seconds() if isinstance(t, timedelta) else t
-        if seconds is not None and (isinstance(seconds, bool) or not seconds > 0):
-            raise GradAlignError(f"Distributed: timeout must be > 0 seconds or None, got {t!r}")
+        check_options(self)
 
     @property
     def timedelta(self) -> timedelta | None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import Segment
-from gradalign.projection import Projector
+from gradalign.projection import ProjectionKind, Projector
 from gradalign.projection._hashing import _LRU
 
 
@@ -79,7 +79,7 @@ every layer's matrices on every call (a selection round calls the extractor at l
 def build_sites(
     named: list[tuple[str, nn.Module]],
     dims: tuple[int | None, int | None],
-    kind: str,
+    kind: ProjectionKind,
     seed: int,
     call: str,
 ) -> tuple[list[_Site], tuple[Segment, ...]]:

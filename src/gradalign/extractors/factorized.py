@@ -24,13 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from gradalign._modules import TargetModules, check_target_modules, match_modules
-from gradalign._validate import check_choice, check_int, check_seed
+from gradalign._modules import TARGET_MODULES_RULE, TargetModules, match_modules
+from gradalign._options import boolean, check_options, choice, integer, option, seed_rule
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import (
     DEFAULT_LOGITS_ELEMENTS,
@@ -55,10 +54,10 @@ from gradalign.extractors.base import (
     packs_of_rows,
 )
 from gradalign.objective import Objective, TokenWeights, prepare_weights
-from gradalign.projection import DEFAULT_KIND, KINDS
+from gradalign.projection import DEFAULT_KIND, ProjectionKind
 from gradalign.rollouts import Rollouts, micro_batch_width
 
-__all__ = ["FactorizedGradient", "check_settings", "factorized_chunks", "factorized_packs"]
+__all__ = ["FactorizedGradient", "factorized_chunks", "factorized_packs"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,7 +170,7 @@ def factorized_chunks(
     objective: Objective | TokenWeights | None,
     *,
     dims: tuple[int | None, int | None] = (None, None),
-    kind: str = DEFAULT_KIND,
+    kind: ProjectionKind = DEFAULT_KIND,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     group_chunk: int | None = None,
@@ -241,19 +240,7 @@ def factorized_chunks(
         )
 
 
-def check_settings(ext: Any) -> None:
-    """Validate the settings shared by the hook-based extractors (``kind``, ``seed``, sizes)."""
-    name = type(ext).__name__
-    check_choice(name, "kind", ext.kind, KINDS)
-    check_seed(name, ext.seed)
-    check_int(name, "batch_size", ext.batch_size, 1)
-    check_int(name, "group_chunk", ext.group_chunk, 1, allow_none=True)
-    check_int(name, "max_logits_elements", ext.max_logits_elements, 1)
-    if not isinstance(ext.share_prompts, bool):
-        raise GradAlignError(f"{name}: share_prompts must be a bool, got {ext.share_prompts!r}")
-
-
-@dataclass
+@dataclass(frozen=True)
 class FactorizedGradient(GradientExtractor):
     """Per-group gradients of linear layers, each side randomly projected, from hooks.
 
@@ -293,22 +280,18 @@ class FactorizedGradient(GradientExtractor):
         torch.Size([4, 3936])
     """
 
-    dim_in: int | None = 16
-    dim_out: int | None = 16
-    kind: str = DEFAULT_KIND
-    seed: int = 0
-    target_modules: TargetModules = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    group_chunk: int | None = None
-    max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
-    share_prompts: bool = True
+    dim_in: int | None = option(16, integer(1, none=True))
+    dim_out: int | None = option(16, integer(1, none=True))
+    kind: ProjectionKind = option(DEFAULT_KIND, choice(ProjectionKind))
+    seed: int = option(0, seed_rule())
+    target_modules: TargetModules = option(None, TARGET_MODULES_RULE)
+    batch_size: int = option(DEFAULT_BATCH_SIZE, integer(1))
+    group_chunk: int | None = option(None, integer(1, none=True))
+    max_logits_elements: int = option(DEFAULT_LOGITS_ELEMENTS, integer(1))
+    share_prompts: bool = option(True, boolean())
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        for what in ("dim_in", "dim_out"):
-            check_int(name, what, getattr(self, what), 1, allow_none=True)
-        check_target_modules(name, self.target_modules)
-        check_settings(self)
+        check_options(self)
 
     def group_packs(
         self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None

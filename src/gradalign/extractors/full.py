@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradalign._modules import TargetModules, check_target_modules, target_parameters
+from gradalign._modules import TARGET_MODULES_RULE, TargetModules, target_parameters
+from gradalign._options import boolean, check_options, integer, option
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root, response_logprobs
@@ -38,7 +39,8 @@ from gradalign.extractors.base import (
     model_device,
 )
 from gradalign.objective import Objective, TokenWeights, prepare_weights
-from gradalign.projection import DEFAULT_KIND, ProjectionSum, Projector
+from gradalign.projection import DEFAULT_KIND, ProjectionKind, ProjectionSum, Projector
+from gradalign.projection._projector import PROJECTOR_RULE
 from gradalign.rollouts import Rollouts, micro_batch_width
 
 __all__ = ["FullGradient", "RandomProjectedGradient"]
@@ -144,7 +146,7 @@ class _FiniteSum:
         return torch.full((1, self._acc.projector.dim), float("nan"), device=self._acc.device)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FullGradient(GradientExtractor):
     """The exact gradient of each group's GRPO loss (the paper's reference computation).
 
@@ -182,29 +184,16 @@ class FullGradient(GradientExtractor):
         2.0
     """
 
-    target_modules: TargetModules = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    group_chunk: int | None = None
-    max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
+    target_modules: TargetModules = option(None, TARGET_MODULES_RULE)
+    batch_size: int = option(DEFAULT_BATCH_SIZE, integer(1))
+    group_chunk: int | None = option(None, integer(1, none=True))
+    max_logits_elements: int = option(DEFAULT_LOGITS_ELEMENTS, integer(1))
     preconditioner: Mapping[str, torch.Tensor] | None = None
-    share_prompts: bool = True
-    projection: Projector | None = None
+    share_prompts: bool = option(True, boolean())
+    projection: Projector | None = option(None, PROJECTOR_RULE)
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        if self.projection is not None and not isinstance(self.projection, Projector):
-            raise GradAlignError(
-                f"{name}: projection must be a gradalign.projection.Projector or None, got "
-                f"{type(self.projection).__name__}"
-            )
-        check_target_modules(name, self.target_modules)
-        check_int(name, "batch_size", self.batch_size, 1)
-        check_int(name, "group_chunk", self.group_chunk, 1, allow_none=True)
-        check_int(name, "max_logits_elements", self.max_logits_elements, 1)
-        if not isinstance(self.share_prompts, bool):
-            raise GradAlignError(
-                f"{name}: share_prompts must be a bool, got {self.share_prompts!r}"
-            )
+        check_options(self)
 
     def _segments(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Segment, ...]:
         segments, start = [], 0
@@ -431,7 +420,7 @@ class FullGradient(GradientExtractor):
         row.copy_(acc.result()[0])
 
 
-@dataclass(init=False)
+@dataclass(frozen=True, init=False)
 class RandomProjectedGradient(FullGradient):
     """[`FullGradient`][gradalign.extractors.full.FullGradient] with ``projection=Projector(dim, kind, seed)``: a thin alias.
 
@@ -465,7 +454,7 @@ class RandomProjectedGradient(FullGradient):
     def __init__(
         self,
         dim: int = 8192,
-        kind: str = DEFAULT_KIND,
+        kind: ProjectionKind = DEFAULT_KIND,
         seed: int = 0,
         target_modules: TargetModules = None,
         batch_size: int = DEFAULT_BATCH_SIZE,

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradalign._validate import check_int
+from gradalign._options import boolean, check_options, choice, instance, integer, option, seed_rule
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS
 from gradalign.extractors.base import DEFAULT_BATCH_SIZE, GradientExtractor, GroupGradients
-from gradalign.extractors.factorized import check_settings, factorized_chunks, factorized_packs
+from gradalign.extractors.factorized import factorized_chunks, factorized_packs
 from gradalign.objective import Objective, TokenWeights
-from gradalign.projection import DEFAULT_KIND, Projector
+from gradalign.projection import DEFAULT_KIND, ProjectionKind, Projector
+from gradalign.projection._projector import PROJECTOR_RULE
 from gradalign.rollouts import Rollouts
 
 __all__ = ["LoRAGradient", "lora_modules"]
@@ -101,7 +102,7 @@ def _check_covered(
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRAGradient(GradientExtractor):
     """Exact per-group gradients of the LoRA adapter weights of a peft model.
 
@@ -130,27 +131,20 @@ class LoRAGradient(GradientExtractor):
         torch.Size([4, 1792])
     """
 
-    dim: int | None = None
-    kind: str = DEFAULT_KIND
-    seed: int = 0
-    adapter_name: str | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    group_chunk: int | None = None
-    max_logits_elements: int = DEFAULT_LOGITS_ELEMENTS
-    share_prompts: bool = True
-    projection: Projector | None = None
+    dim: int | None = option(None, integer(1, none=True))
+    kind: ProjectionKind = option(DEFAULT_KIND, choice(ProjectionKind))
+    seed: int = option(0, seed_rule())
+    adapter_name: str | None = option(None, instance(str, "str"))
+    batch_size: int = option(DEFAULT_BATCH_SIZE, integer(1))
+    group_chunk: int | None = option(None, integer(1, none=True))
+    max_logits_elements: int = option(DEFAULT_LOGITS_ELEMENTS, integer(1))
+    share_prompts: bool = option(True, boolean())
+    projection: Projector | None = option(None, PROJECTOR_RULE)
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        check_int(name, "dim", self.dim, 1, allow_none=True)
-        check_settings(self)
-        if self.projection is not None and not isinstance(self.projection, Projector):
-            raise GradAlignError(
-                f"{name}: projection must be a gradalign.projection.Projector or None, got "
-                f"{type(self.projection).__name__}"
-            )
+        check_options(self)
         if self.projection is not None and self.dim is not None:
-            raise GradAlignError(f"{name}: give projection or dim, not both")
+            raise GradAlignError(f"{type(self).__name__}: give projection or dim, not both")
 
     def group_packs(
         self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None

@@ -9,10 +9,10 @@ Implementations: [`objective_from_config`][gradalign.integrations.trl_config.obj
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, cast
 
 from gradalign.errors import GradAlignError
-from gradalign.objective import REWARD_SCALINGS, GRPOObjective
+from gradalign.objective import REWARD_SCALINGS, GRPOObjective, LossAgg, ScaleRewards
 
 __all__ = ["LOSS_AGGREGATION_OF", "objective_from_config"]
 
@@ -93,8 +93,8 @@ def objective_from_config(args: Any, *, include_kl: bool = False) -> GRPOObjecti
             )
     epsilon_high = getattr(args, "epsilon_high", None)
     return GRPOObjective(
-        scale_rewards=scale,
-        loss_agg=loss_agg,
+        scale_rewards=cast(ScaleRewards, scale),  # checked by GRPOObjective
+        loss_agg=cast(LossAgg, loss_agg),
         eps=_TRL_STD_EPS,
         clip_low=_real(args, "epsilon", 0.2),
         clip_high=None if epsilon_high is None else _real(args, "epsilon_high", None),

@@ -5,16 +5,14 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
-import math
-import numbers
-import operator
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gradalign._validate import check_int, check_seed
+from gradalign._options import Rule, check_options, integer, option
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 
@@ -40,32 +38,6 @@ def _need(policy: object, c: Candidates, name: str) -> torch.Tensor:
 def _pass_rate(policy: object, c: Candidates) -> torch.Tensor:
     """The table's pass rate: ``pass_rate`` when set, else ``accuracy`` (the same for 0/1 rewards)."""
     return c.pass_rate if c.pass_rate is not None else _need(policy, c, "accuracy")
-
-
-def _plain_int(value: Any) -> Any:
-    """numpy integers as Python ints; bools and everything else unchanged (and then rejected)."""
-    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    return operator.index(value) if integral else value
-
-
-def _int(policy: object, name: str, value: Any, minimum: int) -> int:
-    return int(check_int(type(policy).__name__, name, _plain_int(value), minimum))
-
-
-def _seed(policy: object, value: Any) -> int:
-    return check_seed(type(policy).__name__, _plain_int(value))
-
-
-def _real(
-    policy: object,
-    name: str,
-    value: Any,
-    ok: Callable[[float], bool] = lambda v: not math.isnan(v),
-    rule: str = "a real number, not NaN",
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
-        raise GradAlignError(f"{type(policy).__name__}: {name} must be {rule}, got {value!r}")
-    return float(value)
 
 
 def _clip_k(policy: object, k: int, n: int, pool: int, what: str = "candidates in the pool") -> int:
@@ -94,6 +66,25 @@ def _learnability(p: torch.Tensor) -> torch.Tensor:
 
 def _ids_at(candidates: Candidates, positions: list[int]) -> torch.Tensor:
     return candidates.ids[torch.tensor(positions, dtype=torch.long)]
+
+
+def _k_required(call: str, name: str, value: Any) -> Any:
+    if value is None:
+        raise GradAlignError(f"{call}: k (how many candidates to select) is required, got none")
+    return integer(1).check(call, name, value)
+
+
+K_RULE = Rule(_k_required, "int >= 1, required")
+"""The ``k`` of the top-k policies: required, an int >= 1."""
+
+CALLABLE_RULE = Rule(
+    lambda call, name, value: value if callable(value) else _not_callable(call, name, value),
+    "callable",
+)
+
+
+def _not_callable(call: str, name: str, value: Any) -> Any:
+    raise GradAlignError(f"{call}: {name} must be callable, got {value!r}")
 
 
 class Policy(abc.ABC):
@@ -143,17 +134,16 @@ class Policy(abc.ABC):
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+@dataclass(frozen=True, repr=False)
 class _KeyTopK(Policy):
     """The ``k`` best by a (G,) key, stable; subclasses define the key and its direction."""
 
     descending = True
 
-    def __init__(self, k: int | None = None) -> None:
-        if k is None:
-            raise GradAlignError(
-                f"{type(self).__name__}: k (how many candidates to select) is required, got none"
-            )
-        self.k = _int(self, "k", k, 1)
+    k: int = option(None, K_RULE)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     @abc.abstractmethod
     def _key(self, c: Candidates) -> torch.Tensor:

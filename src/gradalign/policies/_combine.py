@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from gradalign._options import check_options, option, real, required, seed_rule
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
-from gradalign.policies._base import Policy, _generator, _ids_at, _PolicyFn, _real, _seed
+from gradalign.policies._base import CALLABLE_RULE, Policy, _generator, _ids_at, _PolicyFn
 
 
+@dataclass(frozen=True, repr=False)
 class EpsilonMix(Policy):
     """The inner policy's ranking with each slot, with probability ε, given to a random candidate.
 
@@ -32,12 +36,12 @@ class EpsilonMix(Policy):
         tensor([11, 12])
     """
 
-    def __init__(self, policy: _PolicyFn, epsilon: float, seed: int = 0) -> None:
-        if not callable(policy):
-            raise GradAlignError(f"EpsilonMix: policy must be callable, got {policy!r}")
-        self.policy = policy
-        self.epsilon = _real(self, "epsilon", epsilon, lambda v: 0 <= v <= 1, "in [0, 1]")
-        self.seed = _seed(self, seed)
+    policy: _PolicyFn = required(CALLABLE_RULE)
+    epsilon: float = required(real(ok=lambda v: 0 <= v <= 1, rule="in [0, 1]"))
+    seed: int = option(0, seed_rule())
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         inner = candidates.positions(self.policy(candidates)).tolist()
@@ -56,6 +60,7 @@ class EpsilonMix(Policy):
         return _ids_at(candidates, out)
 
 
+@dataclass(frozen=True, repr=False, init=False)
 class Chain(Policy):
     """Apply policies in turn, each to the previous one's selection (in its rank order).
 
@@ -75,10 +80,12 @@ class Chain(Policy):
         tensor([12, 10])
     """
 
+    policies: tuple[_PolicyFn, ...]
+
     def __init__(self, *policies: _PolicyFn) -> None:
         if not policies or not all(callable(p) for p in policies):
             raise GradAlignError(f"Chain: needs one or more callable policies, got {policies!r}")
-        self.policies = policies
+        object.__setattr__(self, "policies", policies)  # frozen: set once, here
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         ids = candidates.ids

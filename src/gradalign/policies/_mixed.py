@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from gradalign._options import Rule, check_options, integer, option, real, required
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 from gradalign.policies._base import (
     Policy,
     _clip_k,
     _ids_at,
-    _int,
     _KeyTopK,
     _learnability,
     _need,
     _pass_rate,
     _rank,
-    _real,
 )
 from gradalign.scoring import unit_rows
+
+
+def _quotas(call: str, name: str, value: Any) -> tuple[int, ...]:
+    """Q ints >= 0 with a positive sum, as a tuple."""
+    bad = GradAlignError(f"{call}: {name} must be ints >= 0 with sum > 0, got {value!r}")
+    try:
+        quotas = tuple(integer(0).check(call, name, q) for q in value)
+    except (GradAlignError, TypeError):
+        raise bad from None
+    if sum(quotas) < 1:
+        raise bad
+    return quotas
 
 
 class SimAcc(_KeyTopK):
@@ -65,6 +77,7 @@ class LearnAlign(_KeyTopK):
         return (unit_rows(grads) @ mean.T).squeeze(1) * _learnability(_pass_rate(self, c))
 
 
+@dataclass(frozen=True, repr=False)
 class DiverseTopK(Policy):
     """Greedy top-k that penalises redundancy with the chosen set. Needs ``scores`` and ``grads``.
 
@@ -87,10 +100,11 @@ class DiverseTopK(Policy):
         tensor([11, 12])
     """
 
-    def __init__(self, k: int, *, redundancy: float = 0.5) -> None:
-        self.k = _int(self, "k", k, 1)
-        rule = "finite and >= 0"
-        self.redundancy = _real(self, "redundancy", redundancy, lambda v: 0 <= v < math.inf, rule)
+    k: int = required(integer(1))
+    redundancy: float = option(0.5, real(ok=lambda v: v >= 0, rule="finite and >= 0"), kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores").double()  # (G,)
@@ -109,6 +123,7 @@ class DiverseTopK(Policy):
         return _ids_at(candidates, chosen)
 
 
+@dataclass(frozen=True, repr=False)
 class TaskQuota(Policy):
     """Per-task quotas over Q validation tasks, filled round-robin. Needs ``task_scores`` (G, Q).
 
@@ -130,14 +145,10 @@ class TaskQuota(Policy):
         tensor([10, 12, 13])
     """
 
-    def __init__(self, quotas: Sequence[int]) -> None:
-        bad = GradAlignError(f"TaskQuota: quotas must be ints >= 0 with sum > 0, got {quotas!r}")
-        try:
-            self.quotas = [_int(self, "quotas", q, 0) for q in quotas]
-        except (GradAlignError, TypeError):
-            raise bad from None
-        if sum(self.quotas) < 1:
-            raise bad
+    quotas: Sequence[int] = required(Rule(_quotas, "ints >= 0 with sum > 0"))
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         ts = _need(self, candidates, "task_scores")  # (G, Q)

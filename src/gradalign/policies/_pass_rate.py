@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from gradalign._options import check_options, integer, option, real, seed_rule
 from gradalign.candidates import Candidates
+from gradalign.errors import GradAlignError
 from gradalign.policies._base import (
     Policy,
     _clip_k,
     _generator,
-    _int,
     _KeyTopK,
     _learnability,
     _pass_rate,
-    _real,
-    _seed,
 )
 
 
@@ -58,6 +59,7 @@ class Learnability(_KeyTopK):
         return _learnability(_pass_rate(self, c))
 
 
+@dataclass(frozen=True, repr=False)
 class DropZeroVariance(Policy):
     """Drop groups whose rewards have no spread; keep the rest in the candidates' order.
 
@@ -80,6 +82,7 @@ class DropZeroVariance(Policy):
         return candidates.ids[candidates.has_spread("DropZeroVariance")]
 
 
+@dataclass(frozen=True, repr=False)
 class AccuracyBand(Policy):
     """A uniform sample without replacement among candidates with ``low <= p <= high``.
 
@@ -102,13 +105,15 @@ class AccuracyBand(Policy):
         tensor([13, 10])
     """
 
-    def __init__(
-        self, low: float = 0.2, high: float = 0.8, k: int | None = None, seed: int = 0
-    ) -> None:
-        self.low = _real(self, "low", low)
-        self.high = _real(self, "high", high, lambda v: v >= self.low, f">= low={self.low}")
-        self.k = None if k is None else _int(self, "k", k, 1)
-        self.seed = _seed(self, seed)
+    low: float = option(0.2, real(finite=False, rule="a real number, not NaN"))
+    high: float = option(0.8, real(finite=False, rule="a real number, not NaN"))
+    k: int | None = option(None, integer(1, none=True))
+    seed: int = option(0, seed_rule())
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.high >= self.low:
+            raise GradAlignError(f"AccuracyBand: high must be >= low={self.low}, got {self.high!r}")
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         p = _pass_rate(self, candidates)

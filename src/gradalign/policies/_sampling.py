@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
+from gradalign._options import check_options, integer, option, real, required, seed_rule
 from gradalign.candidates import Candidates
-from gradalign.policies._base import Policy, _clip_k, _generator, _int, _need, _rank, _real, _seed
+from gradalign.policies._base import Policy, _clip_k, _generator, _need, _rank
 
 
+@dataclass(frozen=True, repr=False)
 class Random(Policy):
     """``k`` candidates uniformly at random without replacement, in random order. Needs nothing.
 
@@ -29,15 +31,18 @@ class Random(Policy):
         tensor([10, 11])
     """
 
-    def __init__(self, k: int, seed: int = 0) -> None:
-        self.k = _int(self, "k", k, 1)
-        self.seed = _seed(self, seed)
+    k: int = required(integer(1))
+    seed: int = option(0, seed_rule())
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         k = _clip_k(self, self.k, len(candidates), len(candidates))
         return candidates.ids[torch.randperm(len(candidates), generator=_generator(self.seed))[:k]]
 
 
+@dataclass(frozen=True, repr=False)
 class Softmax(Policy):
     """``k`` draws without replacement with probability ``∝ exp(score / T)``. Needs ``scores``.
 
@@ -60,11 +65,12 @@ class Softmax(Policy):
         tensor([11, 12])
     """
 
-    def __init__(self, k: int, temperature: float = 1.0, seed: int = 0) -> None:
-        self.k = _int(self, "k", k, 1)
-        rule = "finite and > 0"
-        self.temperature = _real(self, "temperature", temperature, lambda v: 0 < v < math.inf, rule)
-        self.seed = _seed(self, seed)
+    k: int = required(integer(1))
+    temperature: float = option(1.0, real(ok=lambda v: v > 0, rule="finite and > 0"))
+    seed: int = option(0, seed_rule())
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores").double()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from gradalign._options import check_options, real, required
 from gradalign.candidates import Candidates
-from gradalign.policies._base import Policy, _KeyTopK, _need, _rank, _real
+from gradalign.policies._base import Policy, _KeyTopK, _need, _rank
 
 
 class TopK(_KeyTopK):
@@ -48,6 +51,7 @@ class BottomK(_KeyTopK):
         return _need(self, c, "scores")
 
 
+@dataclass(frozen=True, repr=False)
 class TopFraction(Policy):
     """The top ``max(1, round(fraction * G))`` by score, descending. Needs ``scores``.
 
@@ -67,14 +71,17 @@ class TopFraction(Policy):
         tensor([11, 12])
     """
 
-    def __init__(self, fraction: float) -> None:
-        self.fraction = _real(self, "fraction", fraction, lambda v: 0 < v <= 1, "in (0, 1]")
+    fraction: float = required(real(ok=lambda v: 0 < v <= 1, rule="in (0, 1]"))
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores")
         return candidates.ids[_rank(scores)[: max(1, round(self.fraction * len(candidates)))]]
 
 
+@dataclass(frozen=True, repr=False)
 class Threshold(Policy):
     """Every candidate with ``score >= min_score``, in descending score order. Needs ``scores``.
 
@@ -93,8 +100,10 @@ class Threshold(Policy):
         tensor([11, 12])
     """
 
-    def __init__(self, min_score: float) -> None:
-        self.min_score = _real(self, "min_score", min_score)
+    min_score: float = required(real(finite=False, rule="a real number, not NaN"))
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores")

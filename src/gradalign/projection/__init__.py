@@ -41,7 +41,15 @@ depend on what was cached.
 
 from __future__ import annotations
 
-from gradalign.projection._hashing import DEFAULT_KIND, KINDS
+from gradalign.projection._hashing import DEFAULT_KIND, KINDS, ProjectionKind
 from gradalign.projection._projector import ProjectionSum, Projector, project, projection_block
 
-__all__ = ["DEFAULT_KIND", "KINDS", "ProjectionSum", "Projector", "project", "projection_block"]
+__all__ = [
+    "DEFAULT_KIND",
+    "KINDS",
+    "ProjectionKind",
+    "ProjectionSum",
+    "Projector",
+    "project",
+    "projection_block",
+]

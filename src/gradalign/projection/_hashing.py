@@ -8,11 +8,16 @@ import hashlib
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
-KINDS = ("rademacher", "gaussian", "sjlt")
-DEFAULT_KIND = "sjlt"
+from gradalign._options import choices
+
+ProjectionKind = Literal["rademacher", "gaussian", "sjlt"]
+"""The projection kinds (typed choice of every ``kind=`` setting)."""
+KINDS: tuple[str, ...] = choices(ProjectionKind)
+DEFAULT_KIND: ProjectionKind = "sjlt"
 """The kind every extractor and [`Projector`][gradalign.projection.Projector] uses unless told: sparse, the fastest."""
 
 _M32 = 0xFFFFFFFF

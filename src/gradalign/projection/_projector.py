@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradalign._options import check_options, choice, instance, integer, option, required
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.projection._dense import _default_block, _project_dense, _project_four_russians
@@ -16,6 +17,7 @@ from gradalign.projection._hashing import (
     _MAX_BLOCK,
     DEFAULT_KIND,
     KINDS,
+    ProjectionKind,
     _dense_t,
     _keys,
 )
@@ -259,16 +261,15 @@ class Projector:
         torch.Size([3, 16])
     """
 
-    dim: int
-    kind: str = DEFAULT_KIND
-    seed: int = 0
-    sjlt_nnz: int | None = None
-    block_size: int | None = None
+    dim: int = required(integer(1))
+    kind: ProjectionKind = option(DEFAULT_KIND, choice(ProjectionKind))
+    seed: int = option(0, integer())
+    sjlt_nnz: int | None = option(None, integer(1, none=True))
+    block_size: int | None = option(None, integer(1, none=True))
 
     def __post_init__(self) -> None:
-        _check("Projector", self.kind, self.dim, self.seed, self.sjlt_nnz)
-        if self.block_size is not None:
-            _int("Projector", "block_size", self.block_size, 1)
+        check_options(self)
+        _check("Projector", self.kind, self.dim, self.seed, self.sjlt_nnz)  # sjlt_nnz <= dim
 
     def __call__(
         self, x: torch.Tensor, *, name: str, side: str = "", offset: int = 0
@@ -323,3 +324,7 @@ class Projector:
             sjlt_nnz=self.sjlt_nnz,
             device=device,
         )
+
+
+PROJECTOR_RULE = instance(Projector, "gradalign.projection.Projector")
+"""The check of every extractor's ``projection`` field."""
