@@ -22,6 +22,7 @@ from torch import nn
 
 from gradalign._calls import current_call
 from gradalign.errors import GradAlignError
+from gradalign.extractors._forward import OnForward, response_logprobs
 from gradalign.objective import Objective, TokenWeights
 from gradalign.rollouts import Rollouts
 
@@ -252,6 +253,75 @@ def packs_of_rows(local: torch.Tensor, batch_size: int, num_groups: int) -> list
             starts.add(first)
     bounds = [*sorted(starts), num_groups]
     return [b - a for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def chunk_size(group_chunk: int | None, dim: int) -> int:
+    """Groups per yielded chunk: ``group_chunk``, else as many as keep a chunk's (Gc, D) float32
+    rows under ``CHUNK_BYTES``. The one rule of every extractor."""
+    return group_chunk or max(1, CHUNK_BYTES // (4 * max(1, dim)))
+
+
+def chunk_result(
+    rollouts: Rollouts,
+    prepared: TokenWeights,
+    groups: range,
+    grads: torch.Tensor,
+    segments: tuple[Segment, ...],
+    call: str,
+) -> GroupGradients:
+    """The [`GroupGradients`][gradalign.extractors.base.GroupGradients] of the groups at positions
+    ``groups`` (ascending ids) with their (Gc, D) rows ``grads``: ids, sizes, token counts and
+    zero-spread flags read from ``rollouts`` and ``prepared``. Every extractor assembles its
+    chunks here."""
+    lo, hi = groups.start, groups.stop
+    return GroupGradients(
+        group_ids=rollouts.unique_groups[lo:hi].cpu(),
+        grads=grads.cpu(),
+        num_sequences=rollouts.group_sizes().cpu()[lo:hi],
+        num_tokens=rollouts.group_token_counts().cpu()[lo:hi],
+        zero_spread=prepared.zero_spread(rollouts).cpu()[lo:hi],
+        segments=segments,
+        call=call,
+    )
+
+
+def weighted_loss(
+    model: nn.Module,
+    rollouts: Rollouts,
+    prepared: TokenWeights,
+    rows: torch.Tensor,
+    width: int,
+    weights: torch.Tensor | None,
+    *,
+    max_logits_elements: int,
+    share_keys: torch.Tensor | None,
+    on_forward: OnForward | None = None,
+) -> torch.Tensor:
+    """The micro-batch loss every extractor differentiates: ``-(w * log pi).sum()`` over ``rows``
+    (their first ``width`` columns), with grad mode on.
+
+    Args:
+        weights: (S', W) token weights of ``rows``; None computes them from the current
+            log-probs (PPO ratio or KL term: ``prepared.needs_logprobs``).
+        share_keys: (S',) rows with equal keys share their prompt's forward (None: no sharing).
+        on_forward: called before the decoder's forward (hook-based extractors lay out rows).
+    """
+    device = model_device(model)
+    with torch.enable_grad():
+        logp = response_logprobs(
+            model,
+            rollouts.input_ids[rows, :width].to(device),
+            rollouts.attention_mask[rows, :width].to(device),
+            rollouts.response_mask[rows, :width].to(device),
+            max_logits_elements=max_logits_elements,
+            share_keys=share_keys,
+            on_forward=on_forward,
+        )  # (S', W)
+        if weights is None:
+            weights = prepared.token_weights(
+                logp.detach().to(rollouts.device), rows=rows, width=width
+            )  # (S', W)
+        return -(weights.to(logp.device) * logp).sum()
 
 
 class GroupCounter:

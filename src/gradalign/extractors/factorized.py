@@ -34,7 +34,6 @@ from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import (
     DEFAULT_LOGITS_ELEMENTS,
     _split_model,
-    response_logprobs,
     unsharded_root,
 )
 from gradalign.extractors._hooks import Recorder as _Recorder
@@ -42,16 +41,18 @@ from gradalign.extractors._hooks import _Site
 from gradalign.extractors._hooks import build_sites as _build_sites
 from gradalign.extractors._hooks import hooked as _hooked
 from gradalign.extractors.base import (
-    CHUNK_BYTES,
     DEFAULT_BATCH_SIZE,
     GradientExtractor,
     GroupCounter,
     GroupGradients,
+    chunk_result,
+    chunk_size,
     extraction_mode,
     group_rows,
     model_device,
     pack_groups,
     packs_of_rows,
+    weighted_loss,
 )
 from gradalign.objective import Objective, TokenWeights, prepare_weights
 from gradalign.projection import DEFAULT_KIND, ProjectionKind
@@ -76,28 +77,22 @@ class _Job:
 def _micro_batch(job: _Job, recorder: _Recorder, rows: torch.Tensor, local: torch.Tensor) -> None:
     """One forward + activation-only backward over ``rows`` (local groups ``local``)."""
     model, rollouts, weights = job.model, job.rollouts, job.weights
-    device = model_device(model)
     width = micro_batch_width(rollouts.attention_mask[rows])
-    local = local.to(device)
+    local = local.to(model_device(model))
     recorder.begin(local)
     with torch.enable_grad(), unsharded_root(model):
-        logp = response_logprobs(
+        loss = weighted_loss(
             model,
-            rollouts.input_ids[rows, :width].to(device),
-            rollouts.attention_mask[rows, :width].to(device),
-            rollouts.response_mask[rows, :width].to(device),
+            rollouts,
+            job.prepared,
+            rows,
+            width,
+            None if weights is None else weights[rows, :width],
             max_logits_elements=job.max_logits_elements,
             share_keys=local if job.share_prompts else None,
             on_forward=recorder.layout,
-        )  # (S', W)
+        )
         recorder.recording = False
-        if weights is None:
-            w = job.prepared.token_weights(
-                logp.detach().to(rollouts.device), rows=rows, width=width
-            )  # (S', W)
-        else:
-            w = weights[rows, :width]  # (S', W)
-        loss = -(w.to(logp.device) * logp).sum()
         if not recorder.leaves or not loss.requires_grad:
             raise GradAlignError(
                 f"{job.call}: no gradient reached the loss from the input embeddings' output; the "
@@ -204,13 +199,10 @@ def factorized_chunks(
     dim = segments[-1].stop
     split = _split_model(model)
     head = {id(m) for m in split[1].modules()} if split is not None else set()
-    chunk = group_chunk or max(1, CHUNK_BYTES // (4 * dim))
+    chunk = chunk_size(group_chunk, dim)
     prepared = prepare_weights(call, objective, rollouts)
     weights, active = _active_rows(prepared)
     job = _Job(model, rollouts, prepared, weights, max_logits_elements, share_prompts, call)
-    zero_spread = prepared.zero_spread(rollouts).cpu()
-    tokens = rollouts.group_token_counts().cpu()
-    sizes = rollouts.group_sizes().cpu()
     by_group = group_rows(rollouts)
     n_groups = len(by_group)
     counter = GroupCounter(enabled=progress, total=n_groups, desc=call.split(".")[0])
@@ -229,15 +221,7 @@ def factorized_chunks(
         counter.update(hi - lo - done)  # zero-spread groups at the end run no rows
         if hi == n_groups:
             counter.close()
-        yield GroupGradients(
-            group_ids=rollouts.unique_groups[lo:hi].cpu(),
-            grads=buffer.cpu(),
-            num_sequences=sizes[lo:hi],
-            num_tokens=tokens[lo:hi],
-            zero_spread=zero_spread[lo:hi],
-            segments=segments,
-            call=call,
-        )
+        yield chunk_result(rollouts, prepared, range(lo, hi), buffer, segments, call)
 
 
 @dataclass(frozen=True)

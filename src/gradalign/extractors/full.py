@@ -26,17 +26,19 @@ from gradalign._modules import TARGET_MODULES_RULE, TargetModules, target_parame
 from gradalign._options import boolean, check_options, integer, option
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
-from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root, response_logprobs
+from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root
 from gradalign.extractors.base import (
-    CHUNK_BYTES,
     DEFAULT_BATCH_SIZE,
     GradientExtractor,
     GroupCounter,
     GroupGradients,
     Segment,
+    chunk_result,
+    chunk_size,
     extraction_mode,
     group_rows,
     model_device,
+    weighted_loss,
 )
 from gradalign.objective import Objective, TokenWeights, prepare_weights
 from gradalign.projection import DEFAULT_KIND, ProjectionKind, ProjectionSum, Projector
@@ -84,32 +86,28 @@ def _group_gradient(
     share_prompts: bool,
 ) -> None:
     """Hand one group's loss gradient w.r.t. ``params`` to ``sink``, parameter by parameter."""
-    device = model_device(model)
-    needs_logprobs = prepared.needs_logprobs
     batches = rows.split(batch_size)
     for i, mb in enumerate(batches):
         sink.last = i == len(batches) - 1
         width = micro_batch_width(rollouts.attention_mask[mb])
-        if not needs_logprobs:
+        weights = None
+        if not prepared.needs_logprobs:
             weights = prepared.token_weights(rows=mb, width=width)  # (S', W)
             if not bool(weights.any()):
                 continue  # zero-spread rows contribute exactly nothing
         # Extraction differentiates even when the caller runs under torch.no_grad().
         with torch.enable_grad():
-            logp = response_logprobs(
+            loss = weighted_loss(
                 model,
-                rollouts.input_ids[mb, :width].to(device),
-                rollouts.attention_mask[mb, :width].to(device),
-                rollouts.response_mask[mb, :width].to(device),
+                rollouts,
+                prepared,
+                mb,
+                width,
+                weights,
                 max_logits_elements=max_logits_elements,
                 # One group: every row of the micro-batch may share its prompt with the others.
                 share_keys=torch.zeros(len(mb), dtype=torch.long) if share_prompts else None,
-            )  # (S', W)
-            if needs_logprobs:
-                weights = prepared.token_weights(
-                    logp.detach().to(rollouts.device), rows=mb, width=width
-                )
-            loss = -(weights.to(logp.device) * logp).sum()
+            )
             # The hooks take every gradient; what autograd returns is zero-stride zeros.
             torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -276,8 +274,7 @@ class FullGradient(GradientExtractor):
         The model is put in extraction mode for each chunk and restored before the chunk is
         yielded, so a paused or abandoned stream never leaves the model in eval mode.
         """
-        dim = self._row_dim(named)
-        chunk = self.group_chunk or max(1, CHUNK_BYTES // (4 * max(1, dim)))
+        chunk = chunk_size(self.group_chunk, self._row_dim(named))
         total = rollouts.num_groups
         counter = GroupCounter(enabled=progress, total=total, desc=type(self).__name__)
         try:
@@ -299,7 +296,7 @@ class FullGradient(GradientExtractor):
         """Rows of the groups at positions ``groups`` (ascending ids), one preallocated buffer."""
         params = [p for _, p in named]
         segments = self._segments(named)
-        lo, hi = groups.start, groups.stop
+        lo = groups.start
         all_rows = group_rows(rollouts)
         call = f"{type(self).__name__}.per_group"
         with extraction_mode(model, params, call=call):
@@ -318,16 +315,8 @@ class FullGradient(GradientExtractor):
                     counter.update(1)
             finally:
                 sink.close()
-        tokens, sizes = rollouts.group_token_counts().cpu(), rollouts.group_sizes().cpu()
-        return GroupGradients(
-            group_ids=rollouts.unique_groups[lo:hi].cpu(),
-            grads=buffer.cpu(),
-            num_sequences=sizes[lo:hi],
-            num_tokens=tokens[lo:hi],
-            zero_spread=prepared.zero_spread(rollouts).cpu()[lo:hi],
-            segments=segments if self.projection is None else (),
-            call=call,
-        )
+        kept = segments if self.projection is None else ()
+        return chunk_result(rollouts, prepared, groups, buffer, kept, call)
 
     def _backward(
         self,

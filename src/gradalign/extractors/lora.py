@@ -11,6 +11,7 @@ Shape glossary: G groups, D adapter parameters, K projection dimension.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -189,11 +190,6 @@ class LoRAGradient(GradientExtractor):
         out = torch.zeros(len(part), projector.dim, dtype=torch.float32)  # (Gc, K)
         for seg in part.segments:
             out += projector(part.segment(seg.name), name=seg.name)
-        return GroupGradients(
-            group_ids=part.group_ids,
-            grads=out,
-            num_sequences=part.num_sequences,
-            num_tokens=part.num_tokens,
-            zero_spread=part.zero_spread,
-            call=f"{type(self).__name__}.per_group",
+        return dataclasses.replace(
+            part, grads=out, segments=(), call=f"{type(self).__name__}.per_group"
         )
