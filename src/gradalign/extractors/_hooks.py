@@ -1,8 +1,12 @@
-"""Private: the hook engine of the factorized extractors (per-layer projected gradients).
+"""Private: the hook engine of the extractors, both kinds of hook in one place.
 
-Implementations: `build_sites` (the hooked linear layers with their projection matrices and
-column ranges), `Recorder` (hook state of one chunk: the (Gc, D) buffer and the layout of the
-forward in flight) and `hooked` (registers the hooks, removes them on exit).
+Parameter hooks (`FullGradient`, `RandomProjectedGradient`): `ParameterSink` takes each
+parameter's gradient the moment autograd produces it.
+
+Layer hooks (`FactorizedGradient`, `LoRAGradient`, per-layer projected gradients): `build_sites`
+(the hooked linear layers with their projection matrices and column ranges), `Recorder` (hook
+state of one chunk: the (Gc, D) buffer and the layout of the forward in flight) and `hooked`
+(registers the hooks, removes them on exit).
 
 For a linear layer ``y = W a + b`` the weight gradient summed over a sequence's tokens is
 ``sum_t g_t a_t^T``; a forward hook projects each layer input, a hook on the layer output projects
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +31,31 @@ from gradalign.errors import GradAlignError
 from gradalign.extractors.base import Segment
 from gradalign.projection import ProjectionKind, Projector
 from gradalign.projection._hashing import _LRU
+
+
+class ParameterSink:
+    """Where each parameter's gradient goes the moment autograd produces it.
+
+    A tensor hook on every differentiated parameter hands its gradient to ``take`` and gives
+    autograd back a zero-stride zero, so ``torch.autograd.grad`` never holds the whole gradient:
+    only the parameter in flight. ``take`` is set per group (its row, or its projection sum).
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.take: Callable[[int, torch.Tensor], None] | None = None
+        self.last = True  # no further micro-batch of the group follows
+        self._handles = [
+            p.register_hook(functools.partial(self._hook, k)) for k, p in enumerate(params)
+        ]
+
+    def _hook(self, k: int, grad: torch.Tensor) -> torch.Tensor:
+        if self.take is not None:
+            self.take(k, grad)
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 @dataclass

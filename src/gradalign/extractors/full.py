@@ -15,8 +15,7 @@ Shape glossary: S sequences, T tokens, G groups, D gradient dimension, K project
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from gradalign._options import boolean, check_options, integer, option
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root
+from gradalign.extractors._hooks import ParameterSink
 from gradalign.extractors.base import (
     DEFAULT_BATCH_SIZE,
     GradientExtractor,
@@ -48,38 +48,13 @@ from gradalign.rollouts import Rollouts, micro_batch_width
 __all__ = ["FullGradient", "RandomProjectedGradient"]
 
 
-class _Sink:
-    """Where each parameter's gradient goes the moment autograd produces it.
-
-    A tensor hook on every differentiated parameter hands its gradient to ``take`` and gives
-    autograd back a zero-stride zero, so ``torch.autograd.grad`` never holds the whole gradient:
-    only the parameter in flight. ``take`` is set per group (its row, or its projection sum).
-    """
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.take: Callable[[int, torch.Tensor], None] | None = None
-        self.last = True  # no further micro-batch of the group follows
-        self._handles = [
-            p.register_hook(functools.partial(self._hook, k)) for k, p in enumerate(params)
-        ]
-
-    def _hook(self, k: int, grad: torch.Tensor) -> torch.Tensor:
-        if self.take is not None:
-            self.take(k, grad)
-        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def _group_gradient(
     model: nn.Module,
     rollouts: Rollouts,
     prepared: TokenWeights,
     rows: torch.Tensor,
     params: list[nn.Parameter],
-    sink: _Sink,
+    sink: ParameterSink,
     *,
     batch_size: int,
     max_logits_elements: int,
@@ -304,7 +279,7 @@ class FullGradient(GradientExtractor):
             # under a caller's inference_mode() would refuse.
             dim = self._row_dim(named)
             buffer = torch.zeros(len(groups), dim, device=model_device(model))  # (Gc, D)
-            sink = _Sink(params)
+            sink = ParameterSink(params)
             try:
                 for g in groups:
                     args = (model, rollouts, prepared, all_rows[g], named, sink, buffer[g - lo])
@@ -325,7 +300,7 @@ class FullGradient(GradientExtractor):
         prepared: TokenWeights,
         rows: torch.Tensor,
         params: list[nn.Parameter],
-        sink: _Sink,
+        sink: ParameterSink,
     ) -> None:
         _group_gradient(
             model,
@@ -346,7 +321,7 @@ class FullGradient(GradientExtractor):
         prepared: TokenWeights,
         rows: torch.Tensor,
         named: list[tuple[str, nn.Parameter]],
-        sink: _Sink,
+        sink: ParameterSink,
         row: torch.Tensor,
         segments: tuple[Segment, ...],
     ) -> None:
@@ -371,7 +346,7 @@ class FullGradient(GradientExtractor):
         prepared: TokenWeights,
         rows: torch.Tensor,
         named: list[tuple[str, nn.Parameter]],
-        sink: _Sink,
+        sink: ParameterSink,
         row: torch.Tensor,
     ) -> None:
         """One group's projected gradient (K,) into ``row``: each parameter's block is projected
