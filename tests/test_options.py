@@ -106,3 +106,27 @@ def test_changed_settings_come_from_replace_and_are_checked_again() -> None:
     assert Distributed(timeout=timedelta(seconds=5)).timedelta == timedelta(seconds=5)
     with pytest.raises(GradAlignError, match="Distributed: timeout must be > 0 seconds or None"):
         Distributed(timeout=timedelta(0))
+
+
+def test_integration_settings_use_the_same_rules() -> None:
+    verl = pytest.importorskip("gradalign.integrations.verl")
+    verl_v1 = pytest.importorskip("gradalign.integrations.verl_v1")
+    settings = {
+        "GradAlignSampler": lambda **kw: verl.SamplerSettings(**kw),
+        "GradAlignReplayBuffer": lambda **kw: verl_v1.BufferSettings(**{"scorer": "m:f", **kw}),
+    }
+    for call, make in settings.items():
+        fields = [f for f in _declared(make()) if f != "scorer" or call == "GradAlignSampler"]
+        assert fields
+        for field in fields:
+            with pytest.raises(GradAlignError, match=rf"^{call}: {field} must be "):
+                make(**{field: object()})
+    with pytest.raises(GradAlignError, match=r"GradAlignSampler: scorer must be one of \('cosine'"):
+        verl.SamplerSettings(scorer="dot")
+
+
+def test_selector_settings_are_checked_by_the_same_rules() -> None:
+    for name, bad in {"extractor": 3, "objective": "grpo", "scorer": "dot", "target": "sum",
+                      "aggregate": "median", "policy": 5, "keep_grads": 1}.items():  # fmt: skip
+        with pytest.raises(GradAlignError, match=rf"^GradAlign: {name} must be "):
+            ga.GradAlign(**{name: bad})

@@ -30,6 +30,7 @@ __all__ = [
     "check_options",
     "choice",
     "choices",
+    "function",
     "instance",
     "integer",
     "option",
@@ -163,6 +164,17 @@ def choice(literal: Any, *, none: bool = False) -> Rule:
         return value
 
     return Rule(check, f"one of {allowed}")
+
+
+def function(*, none: bool = False) -> Rule:
+    """A callable; None when ``none``."""
+
+    def check(call: str, name: str, value: Any) -> Any:
+        if (value is None and none) or callable(value):
+            return value
+        raise GradAlignError(f"{call}: {name} must be callable, got {value!r}")
+
+    return Rule(check, "callable")
 
 
 def instance(cls: type, what: str, *, none: bool = True) -> Rule:

@@ -13,10 +13,11 @@ Shape glossary: G candidate groups, D gradient dimension, Q targets (validation 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
+from gradalign._options import choices
 from gradalign.errors import GradAlignError
 from gradalign.extractors.base import GroupGradients
 from gradalign.objective import GRPOObjective, Objective
@@ -36,9 +37,15 @@ __all__ = [
     "unit_rows",
 ]
 
-SCORERS = ("cosine", "inner_product")
-TARGET_REDUCTIONS = ("mean", "normalized-mean", "batch")
-TASK_AGGREGATIONS = ("max", "mean", "min")
+Scorer = Literal["cosine", "inner_product"]
+"""How a candidate's gradient is compared with the target (``GradAlign(scorer=...)``)."""
+TargetReduction = Literal["mean", "normalized-mean", "batch"]
+"""How the validation gradients become a target (``GradAlign(target=...)``)."""
+TaskAggregation = Literal["max", "mean", "min"]
+"""How the scores against several task targets become one (``GradAlign(aggregate=...)``)."""
+SCORERS: tuple[str, ...] = choices(Scorer)
+TARGET_REDUCTIONS: tuple[str, ...] = choices(TargetReduction)
+TASK_AGGREGATIONS: tuple[str, ...] = choices(TaskAggregation)
 
 
 def _check_pair(call: str, grads: torch.Tensor, target: torch.Tensor) -> None:

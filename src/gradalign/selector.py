@@ -26,6 +26,7 @@ from torch import nn
 
 from gradalign import distributed as _dist
 from gradalign._calls import api_call, current_call
+from gradalign._options import Rule, boolean, choice, function, instance
 from gradalign.alignment import Alignment, Selection, Targets
 from gradalign.communicator import Communicator, Local
 from gradalign.errors import GradAlignError
@@ -36,9 +37,10 @@ from gradalign.policies import Candidates, TopFraction
 from gradalign.rollouts import Rollouts
 from gradalign.scoring import (
     SCORERS,
-    TARGET_REDUCTIONS,
-    TASK_AGGREGATIONS,
+    Scorer,
     TargetAccumulator,
+    TargetReduction,
+    TaskAggregation,
     alignment_terms,
     row_norms,
 )
@@ -73,6 +75,18 @@ def _check_selected(policy: Any, out: Any, table: Candidates) -> torch.Tensor:
 
 def _is_int(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+_RULES: dict[str, Rule] = {
+    "extractor": instance(GradientExtractor, "GradientExtractor"),
+    "objective": instance(Objective, "gradalign Objective (e.g. GRPOObjective)"),
+    "scorer": choice(Scorer),
+    "target": choice(TargetReduction),
+    "aggregate": choice(TaskAggregation),
+    "policy": function(none=True),
+    "keep_grads": boolean(),
+}
+"""The checks of GradAlign's settings, in the declarative rules of every settings class."""
 
 
 class GradAlign:
@@ -117,43 +131,28 @@ class GradAlign:
         self,
         extractor: GradientExtractor | None = None,
         objective: Objective | None = None,
-        scorer: str = "cosine",
+        scorer: Scorer = "cosine",
         policy: Callable[[Candidates], torch.Tensor] | None = None,
         *,
-        target: str = "mean",
-        aggregate: str = "max",
+        target: TargetReduction = "mean",
+        aggregate: TaskAggregation = "max",
         keep_grads: bool = False,
         preconditioner: Mapping[str, torch.Tensor] | None = None,
         distributed: bool | str | _dist.Distributed = "auto",
     ) -> None:
-        if extractor is not None and not isinstance(extractor, GradientExtractor):
-            raise GradAlignError(
-                f"GradAlign: extractor must be a GradientExtractor, got {type(extractor).__name__}"
-            )
-        if scorer not in SCORERS:
-            raise GradAlignError(f"GradAlign: scorer must be one of {SCORERS}, got {scorer!r}")
-        if target not in TARGET_REDUCTIONS:
-            raise GradAlignError(
-                f"GradAlign: target must be one of {TARGET_REDUCTIONS}, got {target!r}"
-            )
-        if aggregate not in TASK_AGGREGATIONS:
-            raise GradAlignError(
-                f"GradAlign: aggregate must be one of {TASK_AGGREGATIONS}, got {aggregate!r}"
-            )
-        if objective is not None and not isinstance(objective, Objective):
-            raise GradAlignError(
-                "GradAlign: objective must be a gradalign Objective (e.g. GRPOObjective), got "
-                f"{type(objective).__name__}"
-            )
-        if policy is not None and not callable(policy):
-            raise GradAlignError(f"GradAlign: policy must be callable, got {type(policy).__name__}")
+        # The same declared rules as the settings dataclasses (gradalign._options), applied here
+        # because a GradAlign is a driver that integrations rebind, not a frozen value.
+        check = {name: rule.check for name, rule in _RULES.items()}
+        extractor = check["extractor"]("GradAlign", "extractor", extractor)
+        objective = check["objective"]("GradAlign", "objective", objective)
+        self.scorer: Scorer = check["scorer"]("GradAlign", "scorer", scorer)
+        self.target: TargetReduction = check["target"]("GradAlign", "target", target)
+        self.aggregate: TaskAggregation = check["aggregate"]("GradAlign", "aggregate", aggregate)
+        policy = check["policy"]("GradAlign", "policy", policy)
+        self.keep_grads = check["keep_grads"]("GradAlign", "keep_grads", keep_grads)
         self.extractor = FactorizedGradient(32, 32) if extractor is None else extractor
         self.objective = GRPOObjective() if objective is None else objective
-        self.scorer = scorer
         self.policy = TopFraction(0.25) if policy is None else policy
-        self.target = target
-        self.aggregate = aggregate
-        self.keep_grads = keep_grads
         self.distributed = _dist.check_distributed_option("GradAlign", distributed)
         if preconditioner is not None and not hasattr(self.extractor, "preconditioner"):
             raise GradAlignError(

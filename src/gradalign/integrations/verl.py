@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Sampler
 
+from gradalign._options import boolean, check_options, choice, instance, integer, option, real
+from gradalign._validate import SEED_RANGE
 from gradalign.curriculum import Curriculum
 from gradalign.distributed import resolve
 from gradalign.errors import GradAlignError
@@ -57,6 +59,7 @@ from gradalign.integrations.verl_data import (
 from gradalign.policies import TopFraction, TopK
 from gradalign.rollouts import Rollouts
 from gradalign.sampler import SelectionSampler
+from gradalign.scoring import Scorer, TargetReduction
 from gradalign.selector import GradAlign, Selection
 
 if TYPE_CHECKING:
@@ -95,17 +98,20 @@ class SamplerSettings:
         on_update: ``"package.module:function"`` called as ``fn(sampler, batch)`` after each update.
     """
 
-    chunk_size: int | None = None
-    seed: int | None = None
-    shuffle: bool = True
-    select_fraction: float = 0.25
-    select_k: int | None = None
-    scorer: str = "cosine"
-    target: str = "mean"
-    index_key: str = "index"
-    index_lookup: bool = False
-    reward_key: str | None = None
-    on_update: str | None = None
+    chunk_size: int | None = option(None, integer(1, none=True))
+    seed: int | None = option(None, integer(*SEED_RANGE, none=True))
+    shuffle: bool = option(True, boolean())
+    select_fraction: float = option(0.25, real(ok=lambda v: 0 < v <= 1, rule="in (0, 1]"))
+    select_k: int | None = option(None, integer(1, none=True))
+    scorer: Scorer = option("cosine", choice(Scorer))
+    target: TargetReduction = option("mean", choice(TargetReduction))
+    index_key: str = option("index", instance(str, "str", none=False))
+    index_lookup: bool = option(False, boolean())
+    reward_key: str | None = option(None, instance(str, "str"))
+    on_update: str | None = option(None, instance(str, "str"))
+
+    def __post_init__(self) -> None:
+        check_options(self, call="GradAlignSampler")
 
     @classmethod
     def from_config(cls, data_config: Any) -> "SamplerSettings":

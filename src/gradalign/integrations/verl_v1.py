@@ -37,6 +37,7 @@ from typing import Any
 
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
+from gradalign._options import boolean, check_options, integer, option, real
 from gradalign.errors import GradAlignError
 from gradalign.integrations.verl_data import load_callable
 
@@ -57,9 +58,9 @@ class BufferSettings:
     """
 
     scorer: Any = None
-    select_fraction: float = 0.5
-    refill_multiple: int = 1
-    discard_unselected: bool = True
+    select_fraction: float = option(0.5, real(ok=lambda v: 0 < v <= 1, rule="in (0, 1]"))
+    refill_multiple: int = option(1, integer(1))
+    discard_unselected: bool = option(True, boolean())
 
     def __post_init__(self) -> None:
         where = "GradAlignReplayBuffer"
@@ -68,18 +69,7 @@ class BufferSettings:
                 f"{where}: sampler_kwargs.scorer is required: 'package.module:function' returning "
                 "{uid: GradAlign score} for the finished groups"
             )
-        if not 0 < self.select_fraction <= 1:
-            raise GradAlignError(
-                f"{where}: select_fraction must be in (0, 1], got {self.select_fraction!r}"
-            )
-        if isinstance(self.refill_multiple, bool) or not isinstance(self.refill_multiple, int):
-            raise GradAlignError(
-                f"{where}: refill_multiple must be an int, got {self.refill_multiple!r}"
-            )
-        if self.refill_multiple < 1:
-            raise GradAlignError(
-                f"{where}: refill_multiple must be >= 1, got {self.refill_multiple}"
-            )
+        check_options(self, call=where)
 
     @classmethod
     def from_kwargs(cls, kwargs: Any) -> "BufferSettings":

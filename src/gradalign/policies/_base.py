@@ -77,15 +77,6 @@ def _k_required(call: str, name: str, value: Any) -> Any:
 K_RULE = Rule(_k_required, "int >= 1, required")
 """The ``k`` of the top-k policies: required, an int >= 1."""
 
-CALLABLE_RULE = Rule(
-    lambda call, name, value: value if callable(value) else _not_callable(call, name, value),
-    "callable",
-)
-
-
-def _not_callable(call: str, name: str, value: Any) -> Any:
-    raise GradAlignError(f"{call}: {name} must be callable, got {value!r}")
-
 
 class Policy(abc.ABC):
     """A selection rule: ``policy(candidates)`` returns the selected ids (int64), best first.

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from gradalign._options import check_options, option, real, required, seed_rule
+from gradalign._options import check_options, function, option, real, required, seed_rule
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
-from gradalign.policies._base import CALLABLE_RULE, Policy, _generator, _ids_at, _PolicyFn
+from gradalign.policies._base import Policy, _generator, _ids_at, _PolicyFn
 
 
 @dataclass(frozen=True, repr=False)
@@ -36,7 +36,7 @@ class EpsilonMix(Policy):
         tensor([11, 12])
     """
 
-    policy: _PolicyFn = required(CALLABLE_RULE)
+    policy: _PolicyFn = required(function())
     epsilon: float = required(real(ok=lambda v: 0 <= v <= 1, rule="in [0, 1]"))
     seed: int = option(0, seed_rule())
 
