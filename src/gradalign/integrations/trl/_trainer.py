@@ -1,67 +1,9 @@
-"""GradAlign inside TRL's ``GRPOTrainer``: re-select the training problems every few steps.
-
-Implementations:
-
-- [`objective_from_config`][gradalign.integrations.trl_config.objective_from_config] (from [`gradalign.integrations.trl_config`][gradalign.integrations.trl_config], which needs no
-  TRL): the loss settings of a ``trl.GRPOConfig`` as a [`GRPOObjective`][gradalign.objective.GRPOObjective].
-- [`StreamingSelectionSampler`][gradalign.integrations.trl.StreamingSelectionSampler]: an endless ``Sampler[int]`` in the layout of TRL's
-  ``RepeatSampler`` that re-reads the latest selection of a [`Curriculum`][gradalign.curriculum.Curriculum] at every
-  generation block.
-- [`GradAlignGRPOTrainer`][gradalign.integrations.trl.GradAlignGRPOTrainer]: a ``trl.GRPOTrainer`` that runs a selection round before the first
-  step and every ``rescore_every`` optimizer steps, and trains only on the selected problems.
-
-A selection round takes ``curriculum.next_chunk()``, samples ``num_generations`` completions per
-candidate and ``num_validation_generations`` per validation prompt with the trainer's own generation
-path (``GRPOTrainer._generate``: same generation config, chat template, vLLM or transformers
-backend), scores them with the trainer's reward functions (``_calculate_rewards``: the dataset's
-extra columns as keyword arguments, combined with ``reward_weights``), builds
-[`Rollouts`][gradalign.rollouts.Rollouts] grouped by dataset index, runs ``GradAlign.select`` and records the
-selection in the curriculum. Rounds are kept out of the trainer's logged metrics and token count;
-their own summary is logged under ``gradalign/...``.
-
-How a selection reaches the trainer: the training dataloader is built once and reads ahead
-(accelerate's ``DataLoaderShard`` holds one batch in hand, and the Trainer collects the
-``gradient_accumulation_steps`` batches of a step before running it), so the generation batch
-consumed right after a round was drawn before the round. Two pieces make every generation batch
-after a round hold only selected problems:
-
-1. [`StreamingSelectionSampler`][gradalign.integrations.trl.StreamingSelectionSampler] snapshots the selection at the start of every block of
-   ``generation_batch_size // num_generations`` problems, so every block drawn after a round comes
-   from the new selection. It is endless (it has no length), so the Trainer runs for
-   ``args.max_steps`` steps, with no epochs over a pool that keeps changing.
-2. The trainer adds a ``gradalign_index`` column (the row index) to the training dataset. When a
-   generation batch is about to be generated, a batch holding any problem outside the current
-   selection (one read ahead) is replaced by the sampler's next block; the column is dropped
-   before generation, so reward functions never see it.
-
-Several processes (``torchrun`` / ``accelerate launch``): each rank samples its share of a round in
-generation calls seeded per call, so rollouts do not depend on the number of ranks; the selection
-is computed once over every rank's shard (``GradAlign`` over ``torch.distributed``) and recorded on every
-rank; each rank serves its slice of every generation block.
-
-Limits of this version: no ``tools``, ``rollout_func`` or ``environment_factory``,
-``multi_objective_aggregation="sum_then_normalize"`` only, and a resumed checkpoint does not
-restore the curriculum (save ``trainer.curriculum.state_dict()``).
-
-Examples:
-    A complete, tested script is ``examples/integrations/trl_one_process.py``.
-
-    ```python
-    from gradalign.integrations.trl import GradAlignGRPOTrainer
-
-    trainer = GradAlignGRPOTrainer(
-        model, reward_fn, args=GRPOConfig(output_dir="out", max_steps=100),
-        train_dataset=pool, validation_dataset=trusted, chunk_size=64, rescore_every=10)
-    trainer.train()
-    ```
-"""
+"""`GradAlignGRPOTrainer`: a ``trl.GRPOTrainer`` that runs selection rounds and trains on the selection."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -72,106 +14,26 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from gradalign._validate import check_choice, check_int
+from gradalign._validate import check_choice
 from gradalign.candidates import Candidates
 from gradalign.curriculum import Curriculum
 from gradalign.distributed import Distributed, barrier
 from gradalign.errors import GradAlignError
+from gradalign.integrations.trl._sampler import StreamingSelectionSampler, _check_count
+from gradalign.integrations.trl._setup import (
+    INDEX_COLUMN,
+    ON_EMPTY,
+    _check_dataset,
+    _curriculum,
+    _round_seed,
+    _without_index,
+)
 from gradalign.integrations.trl_config import (
-    LOSS_AGGREGATION_OF,
     objective_from_config,
 )
 from gradalign.objective import GRPOObjective
 from gradalign.rollouts import Rollouts
-from gradalign.sampler import SelectionSampler, SelectionSource
 from gradalign.selector import GradAlign, Selection
-
-__all__ = [
-    "INDEX_COLUMN",
-    "LOSS_AGGREGATION_OF",
-    "GradAlignGRPOTrainer",
-    "StreamingSelectionSampler",
-    "objective_from_config",
-]
-
-logger = logging.getLogger(__name__)
-
-INDEX_COLUMN = "gradalign_index"
-"""Column that [`GradAlignGRPOTrainer`][gradalign.integrations.trl.GradAlignGRPOTrainer] adds to the training dataset: each row's index."""
-
-
-def _check_count(where: str, name: str, value: Any, minimum: int = 1) -> int:
-    return int(check_int(where, name, value, minimum))
-
-
-class StreamingSelectionSampler(SelectionSampler):
-    """Endless indices of the latest selection, in the layout of TRL's ``RepeatSampler``.
-
-    [`SelectionSampler`][gradalign.sampler.SelectionSampler] with ``endless=True`` and TRL's argument names.
-
-    Problems come in blocks of ``batch_size``; each block is served ``repeat_count`` times in a
-    row and each problem ``num_generations`` times consecutively. Every block starts by checking
-    the source: after a new record, blocks walk the new selection from its start. Within one
-    selection the problems are walked in passes, each a fresh order from
-    [`SelectionSampler`][gradalign.sampler.SelectionSampler] (seeded by ``seed``, the record count and the pass), so
-    every selected problem is served once per pass. Before any record the sampler serves
-    ``initial_ids``, else the whole pool.
-
-    The sampler has no length: a Trainer given it needs ``max_steps``. Its position (the block
-    in hand, down to the index) is in ``state_dict()``; ``load_state_dict()``, after the
-    curriculum's own, resumes the stream where it stopped.
-
-    Args:
-        source: a [`Curriculum`][gradalign.curriculum.Curriculum] or any [`SelectionSource`][gradalign.sampler.SelectionSource].
-        num_generations: rollouts per problem (``GRPOConfig.num_generations``).
-        batch_size: problems per block (``generation_batch_size // num_generations``).
-        repeat_count: times each block is served (``num_iterations * steps_per_generation``).
-        seed: seed of the order.
-        shuffle: permute each pass; False walks the selection in rank order.
-        initial_ids: (K0,) problems served before the first record.
-
-    Raises:
-        GradAlignError: bad settings; from `next_block`, an empty selection.
-
-    Examples:
-        >>> import torch
-        >>> from gradalign import Curriculum
-        >>> cur = Curriculum(pool_size=6, chunk_size=6)
-        >>> sampler = StreamingSelectionSampler(cur, num_generations=2, batch_size=2, shuffle=False)
-        >>> stream = iter(sampler)
-        >>> [next(stream) for _ in range(4)]
-        [0, 0, 1, 1]
-        >>> _ = cur.next_chunk()
-        >>> cur.record(torch.tensor([5, 3]))
-        >>> [next(stream) for _ in range(8)]  # the new selection from the next block on
-        [5, 5, 3, 3, 5, 5, 3, 3]
-    """
-
-    def __init__(
-        self,
-        source: SelectionSource,
-        *,
-        num_generations: int = 1,
-        batch_size: int = 1,
-        repeat_count: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        initial_ids: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(
-            source,
-            num_generations=num_generations,
-            seed=seed,
-            shuffle=shuffle,
-            repeat_count=repeat_count,
-            batch_size=batch_size,
-            initial_ids=initial_ids,
-            endless=True,
-        )
-
-
-def _without_index(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != INDEX_COLUMN}
 
 
 class _SelectionRounds(TrainerCallback):
@@ -597,42 +459,3 @@ class GradAlignGRPOTrainer(GRPOTrainer):
             metrics["gradalign/validation_reward"].append(validation.rewards.mean().item())
         if selection.scores is not None:
             metrics["gradalign/selected_score"].append(selection.scores.float().mean().item())
-
-
-def _check_dataset(where: str, name: str, dataset: Any) -> None:
-    if not isinstance(dataset, Dataset):
-        raise GradAlignError(
-            f"{where}: {name} must be a map-style datasets.Dataset (problems are picked by index), "
-            f"got {type(dataset).__name__}"
-        )
-    if "prompt" not in dataset.column_names or len(dataset) == 0:
-        raise GradAlignError(
-            f"{where}: {name} needs a 'prompt' column and at least one row, got columns "
-            f"{dataset.column_names} and {len(dataset)} rows"
-        )
-
-
-ON_EMPTY = ("previous", "random", "all", "error")
-"""What [`GradAlignGRPOTrainer`][gradalign.integrations.trl.GradAlignGRPOTrainer] does in a round with nothing to select (``on_empty``)."""
-
-
-def _round_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed from the trainer seed and a round's stream and call indices."""
-    digest = hashlib.blake2b("/".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _curriculum(
-    where: str, curriculum: Curriculum | None, chunk_size: int | None, pool: Dataset, args: Any
-) -> Curriculum:
-    if curriculum is None:
-        size = len(pool) if chunk_size is None else chunk_size
-        return Curriculum(pool_size=len(pool), chunk_size=size, seed=getattr(args, "seed", 0))
-    if chunk_size is not None:
-        raise GradAlignError(f"{where}: give chunk_size or curriculum, not both")
-    if not isinstance(curriculum, Curriculum) or curriculum.pool_size != len(pool):
-        raise GradAlignError(
-            f"{where}: curriculum must be a Curriculum over the {len(pool)} training rows, got "
-            f"{type(curriculum).__name__} with pool_size={getattr(curriculum, 'pool_size', None)}"
-        )
-    return curriculum
