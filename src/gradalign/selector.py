@@ -17,7 +17,6 @@ Shape glossary: G candidate groups, D gradient dimension, Q targets.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +24,14 @@ import torch
 from torch import nn
 
 from gradalign import distributed as _dist
-from gradalign._calls import api_call, current_call
+from gradalign._calls import api_call
+from gradalign._inputs import (
+    check_rollouts,
+    check_selected,
+    check_tasks,
+    checked_targets,
+    warn_shared_ids,
+)
 from gradalign._options import Rule, boolean, choice, function, instance
 from gradalign.alignment import Alignment, Selection, Targets
 from gradalign.communicator import Communicator, Local
@@ -47,34 +53,6 @@ from gradalign.scoring import (
 
 # Alignment, Selection and Targets live in gradalign.alignment; importable from here as before.
 __all__ = ["SCORERS", "Alignment", "GradAlign", "Selection", "Targets"]
-
-
-def _check_selected(policy: Any, out: Any, table: Candidates) -> torch.Tensor:
-    """A policy's output as (k,) int64 ids: integers, 1-D, unique, all among the candidates."""
-    call = f"GradAlign.apply_policy: the policy {getattr(policy, '__name__', repr(policy))}"
-    try:
-        ids = torch.as_tensor(out) if out is not None else None
-    except (TypeError, ValueError, RuntimeError):
-        ids = None
-    if ids is None or ids.dim() != 1 or not (ids.numel() == 0 or _is_int(ids)):
-        shape = "" if ids is None else f" {ids.dtype} of shape {tuple(ids.shape)}"
-        raise GradAlignError(
-            f"{call} must return a 1-D sequence of integer candidate ids, got "
-            f"{type(out).__name__}{shape}"
-        )
-    ids = ids.long().cpu()
-    unknown = ids[~torch.isin(ids, table.ids)]
-    if unknown.numel():
-        raise GradAlignError(
-            f"{call} returned ids that are not candidates: {unknown[:10].tolist()}"
-        )
-    if ids.unique().numel() != ids.numel():
-        raise GradAlignError(f"{call} returned an id twice: {ids.tolist()[:20]}")
-    return ids
-
-
-def _is_int(t: torch.Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 _RULES: dict[str, Rule] = {
@@ -329,7 +307,7 @@ class GradAlign:
                 check_rollouts("validation", validation, " or the Targets of GradAlign.targets")
         warn_shared_ids(candidates, validation)
         if isinstance(validation, Targets):
-            target, labels = _checked(validation)
+            target, labels = checked_targets(validation)
         else:
             target, labels = self._targets(comm, model, validation, tasks, progress)
         stats = comm.batch_stats(candidates, "candidate")
@@ -444,73 +422,6 @@ class GradAlign:
 
     def apply_policy(self, table: Candidates) -> Selection:
         """Run the policy on an already scored candidate table."""
-        ids = _check_selected(self.policy, self.policy(table), table)
+        ids = check_selected(self.policy, self.policy(table), table)
         scores = None if table.scores is None else table.scores[table.positions(ids)]
         return Selection(ids=ids, scores=scores, candidates=table)
-
-
-def _checked(targets: Targets) -> Targets:
-    """Targets passed in place of validation rollouts: (Q, D) directions and Q labels."""
-    directions = targets.directions
-    if not isinstance(directions, torch.Tensor) or directions.dim() != 2:
-        raise GradAlignError(
-            "GradAlign.alignment: Targets.directions must be a (Q, D) tensor, got "
-            f"{type(directions).__name__} {tuple(getattr(directions, 'shape', ()))}"
-        )
-    if len(targets.labels) != directions.shape[0]:
-        raise GradAlignError(
-            f"GradAlign.alignment: Targets has {directions.shape[0]} directions but "
-            f"{len(targets.labels)} labels"
-        )
-    return targets
-
-
-def check_rollouts(what: str, value: Any, alternative: str = "") -> None:
-    """A single-process call needs ``what`` as Rollouts (or ``alternative``): None stands for a
-    rank without any, which only several processes (torch.distributed) can make up for."""
-    if isinstance(value, Rollouts):
-        return
-    got = type(value).__name__
-    if value is None:
-        got = "None (only a rank without any passes None, when torch.distributed runs several)"
-    raise GradAlignError(
-        f"{current_call('GradAlign.alignment')}: {what} must be a gradalign.Rollouts"
-        f"{alternative}, got {got}"
-    )
-
-
-def check_tasks(tasks: Any, validation: Rollouts | None) -> None:
-    """``tasks`` must be a mapping, and every label must have a group in ``validation``."""
-    if tasks is None:
-        return
-    if not isinstance(tasks, Mapping):
-        raise GradAlignError(
-            "GradAlign.targets: tasks must map each validation group id to a task label "
-            f"(a dict), got {type(tasks).__name__}"
-        )
-    if validation is None:
-        return
-    present = {tasks[int(g)] for g in validation.unique_groups if int(g) in tasks}
-    absent = sorted({t for t in tasks.values() if t not in present}, key=str)
-    if absent:
-        raise GradAlignError(
-            f"GradAlign.targets: tasks labels {absent} have no validation group among the "
-            "validation rollouts; give each task at least one validation problem or drop those "
-            "labels"
-        )
-
-
-def warn_shared_ids(candidates: Rollouts | None, validation: Any) -> None:
-    """A UserWarning when a group id is both a candidate and a validation problem."""
-    if candidates is None or not isinstance(validation, Rollouts):
-        return
-    cand = candidates.unique_groups
-    shared = cand[torch.isin(cand, validation.unique_groups.to(cand.device))]
-    if shared.numel():
-        warnings.warn(
-            f"GradAlign.alignment: group ids {shared[:10].tolist()} are both candidates and "
-            "validation problems; if they are different problems, give them distinct ids "
-            "(policies, the curriculum and the store tell problems apart by id)",
-            UserWarning,
-            stacklevel=4,
-        )
