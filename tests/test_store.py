@@ -85,8 +85,27 @@ def test_extract_and_load_equal_per_group(qwen: nn.Module, pool: Rollouts, tmp_p
     chunks = list(again.iter_chunks(4))
     assert [len(c) for c in chunks] == [4, 4, 2]
     _equal(GroupGradients.concat(chunks), store.load())
+    assert [len(c) for c in again.iter_chunks()] == [10]  # None: the 1 GiB rule, all fit
     with pytest.raises(GradAlignError, match=r"groups \[5\] are not stored"):
         again.load([5])
+
+
+def test_iter_chunks_default_is_the_extractors_memory_rule(
+    qwen: nn.Module, pool: Rollouts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradalign.extractors.base as base
+
+    ext = FactorizedGradient(dim_in=4, dim_out=4)
+    store = GradientStore(tmp_path / "s")
+    store.extract(ext, qwen, pool)
+    assert store.dim is not None
+    monkeypatch.setattr(base, "CHUNK_BYTES", 3 * 4 * store.dim)  # three float32 rows
+    assert [len(c) for c in store.iter_chunks()] == [3, 3, 3, 1]
+    assert [len(c.grads) for c in ext.iter_groups(qwen, pool)] == [3, 3, 3, 1]  # the same rule
+    with pytest.raises(
+        GradAlignError, match="iter_chunks: group_chunk must be an int >= 1 or None"
+    ):
+        next(store.iter_chunks(0))
 
 
 @pytest.mark.parametrize("objective", [GRPOObjective(), GRPOObjective(scale_rewards="batch")])

@@ -52,8 +52,9 @@ from gradalign._store_io import (
     write_index,
     writer_lock,
 )
+from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
-from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment
+from gradalign.extractors.base import GradientExtractor, GroupGradients, Segment, chunk_size
 from gradalign.objective import GRPOObjective, Objective, TokenWeights, prepare_weights
 from gradalign.rollouts import Rollouts
 
@@ -72,6 +73,10 @@ def _chunk(
     subset = full.select_groups(ids)
     rows = torch.isin(full.group_ids, ids.to(full.device)).nonzero().flatten()  # subset order
     return subset, prepared.select(rows, subset.input_ids.shape[1])
+
+
+COMMIT_GROUPS = 256
+"""Default groups per committed chunk of ``GradientStore.extract`` (how much an interruption can lose)."""
 
 
 class GradientStore:
@@ -227,7 +232,7 @@ class GradientStore:
         rollouts: Rollouts,
         objective: Objective | None = None,
         *,
-        group_chunk: int = 256,
+        group_chunk: int = COMMIT_GROUPS,
         progress: bool = False,
     ) -> int:
         """Extract and store the gradients of every group of ``rollouts`` not stored yet.
@@ -240,6 +245,8 @@ class GradientStore:
             objective: the loss; default ``GRPOObjective()``.
             group_chunk: groups per committed chunk, rounded up to whole packs of the extractor
                 (an interruption loses at most one chunk); it never changes the stored numbers.
+                Unlike the extractors' ``group_chunk`` (a memory bound, default 1 GiB of rows),
+                this one sets how often rows reach the disk, so its default is a count.
             progress: show the extractor's progress bar.
 
         Returns:
@@ -405,13 +412,15 @@ class GradientStore:
             segments=tuple(Segment(n, a, b) for n, a, b in self._index.get("segments", [])),
         )
 
-    def iter_chunks(self, group_chunk: int = 1024) -> Iterator[GroupGradients]:
-        """Stream the stored gradients in ascending group id, ``group_chunk`` groups at a time."""
-        if isinstance(group_chunk, bool) or not isinstance(group_chunk, int) or group_chunk < 1:
-            raise GradAlignError(
-                f"GradientStore.iter_chunks: group_chunk must be an int >= 1, got {group_chunk!r}"
-            )
-        for ids in self.group_ids.split(group_chunk):
+    def iter_chunks(self, group_chunk: int | None = None) -> Iterator[GroupGradients]:
+        """Stream the stored gradients in ascending group id, ``group_chunk`` groups at a time.
+
+        ``group_chunk=None`` is the extractors' rule: as many groups as keep a chunk's float32
+        rows under 1 GiB.
+        """
+        check_int("GradientStore.iter_chunks", "group_chunk", group_chunk, 1, allow_none=True)
+        size = chunk_size(group_chunk, self.dim or 1)
+        for ids in self.group_ids.split(size):
             yield self.load(ids)
 
     @staticmethod
