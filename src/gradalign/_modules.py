@@ -39,7 +39,7 @@ def _target_modules_rule(call: str, name: str, value: Any) -> Any:
     return value
 
 
-TARGET_MODULES_RULE = Rule(_target_modules_rule, "None, a string or a list of strings")
+TARGET_MODULES_RULE: Rule = _target_modules_rule
 """The check of every extractor's ``target_modules`` field."""
 
 

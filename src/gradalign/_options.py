@@ -18,7 +18,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, get_args
 
 from gradalign._validate import SEED_RANGE, check_int
@@ -39,15 +39,8 @@ __all__ = [
     "seed_rule",
 ]
 
-Check = Callable[[str, str, Any], Any]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One field's check: ``check(call, name, value)`` returns the value to store or raises."""
-
-    check: Check
-    describe: str
+Rule = Callable[[str, str, Any], Any]
+"""One field's check: ``rule(call, name, value)`` returns the value to store or raises."""
 
 
 def option(default: Any, rule: Rule, *, kw_only: bool = False) -> Any:
@@ -69,7 +62,7 @@ def check_options(obj: Any, call: str | None = None) -> None:
         if rule is None:
             continue
         value = getattr(obj, f.name)
-        checked = rule.check(call, f.name, value)
+        checked = rule(call, f.name, value)
         if checked is not value:
             object.__setattr__(obj, f.name, checked)
 
@@ -86,7 +79,7 @@ def integer(minimum: int | None = None, maximum: int | None = None, *, none: boo
     def check(call: str, name: str, value: Any) -> Any:
         return check_int(call, name, _plain_int(value), minimum, maximum, allow_none=none)
 
-    return Rule(check, f"int >= {minimum}" if minimum is not None else "int")
+    return check
 
 
 def seed_rule() -> Rule:
@@ -131,7 +124,7 @@ def real(
             raise fail("valid")
         return value if isinstance(value, (int, float)) else number
 
-    return Rule(check, rule or "real")
+    return check
 
 
 def boolean() -> Rule:
@@ -142,7 +135,7 @@ def boolean() -> Rule:
             raise GradAlignError(f"{call}: {name} must be a bool, got {value!r}")
         return value
 
-    return Rule(check, "bool")
+    return check
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -163,7 +156,7 @@ def choice(literal: Any, *, none: bool = False) -> Rule:
             raise GradAlignError(f"{call}: {name} must be one of {allowed}, got {value!r}")
         return value
 
-    return Rule(check, f"one of {allowed}")
+    return check
 
 
 def function(*, none: bool = False) -> Rule:
@@ -174,7 +167,7 @@ def function(*, none: bool = False) -> Rule:
             return value
         raise GradAlignError(f"{call}: {name} must be callable, got {value!r}")
 
-    return Rule(check, "callable")
+    return check
 
 
 def instance(cls: type, what: str, *, none: bool = True) -> Rule:
@@ -190,4 +183,4 @@ def instance(cls: type, what: str, *, none: bool = True) -> Rule:
             )
         return value
 
-    return Rule(check, what)
+    return check

@@ -67,6 +67,11 @@ _RULES: dict[str, Rule] = {
 """The checks of GradAlign's settings, in the declarative rules of every settings class."""
 
 
+def _setting(name: str, value: Any) -> Any:
+    """``value`` checked (and normalized) by the rule of GradAlign's setting ``name``."""
+    return _RULES[name]("GradAlign", name, value)
+
+
 class GradAlign:
     """Gradient-aligned selection of RL training problems.
 
@@ -120,14 +125,13 @@ class GradAlign:
     ) -> None:
         # The same declared rules as the settings dataclasses (gradalign._options), applied here
         # because a GradAlign is a driver that integrations rebind, not a frozen value.
-        check = {name: rule.check for name, rule in _RULES.items()}
-        extractor = check["extractor"]("GradAlign", "extractor", extractor)
-        objective = check["objective"]("GradAlign", "objective", objective)
-        self.scorer: Scorer = check["scorer"]("GradAlign", "scorer", scorer)
-        self.target: TargetReduction = check["target"]("GradAlign", "target", target)
-        self.aggregate: TaskAggregation = check["aggregate"]("GradAlign", "aggregate", aggregate)
-        policy = check["policy"]("GradAlign", "policy", policy)
-        self.keep_grads = check["keep_grads"]("GradAlign", "keep_grads", keep_grads)
+        extractor = _setting("extractor", extractor)
+        objective = _setting("objective", objective)
+        self.scorer: Scorer = _setting("scorer", scorer)
+        self.target: TargetReduction = _setting("target", target)
+        self.aggregate: TaskAggregation = _setting("aggregate", aggregate)
+        policy = _setting("policy", policy)
+        self.keep_grads = _setting("keep_grads", keep_grads)
         self.extractor = FactorizedGradient(32, 32) if extractor is None else extractor
         self.objective = GRPOObjective() if objective is None else objective
         self.policy = TopFraction(0.25) if policy is None else policy

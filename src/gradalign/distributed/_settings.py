@@ -10,7 +10,7 @@ from typing import Any
 import torch.distributed as dist
 
 from gradalign._calls import current_call
-from gradalign._options import Rule, check_options, option
+from gradalign._options import check_options, option
 from gradalign.errors import GradAlignError
 
 
@@ -40,7 +40,7 @@ class Distributed:
     """
 
     group: Any = None
-    timeout: float | timedelta | None = option(None, Rule(_check_timeout, "seconds > 0"))
+    timeout: float | timedelta | None = option(None, _check_timeout)
 
     def __post_init__(self) -> None:
         check_options(self)

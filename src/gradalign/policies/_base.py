@@ -71,10 +71,11 @@ def _ids_at(candidates: Candidates, positions: list[int]) -> torch.Tensor:
 def _k_required(call: str, name: str, value: Any) -> Any:
     if value is None:
         raise GradAlignError(f"{call}: k (how many candidates to select) is required, got none")
-    return integer(1).check(call, name, value)
+    return _AT_LEAST_ONE(call, name, value)
 
 
-K_RULE = Rule(_k_required, "int >= 1, required")
+_AT_LEAST_ONE = integer(1)
+K_RULE: Rule = _k_required
 """The ``k`` of the top-k policies: required, an int >= 1."""
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gradalign._options import Rule, check_options, integer, option, real, required
+from gradalign._options import check_options, integer, option, real, required
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 from gradalign.policies._base import (
@@ -23,12 +23,14 @@ from gradalign.policies._base import (
 )
 from gradalign.scoring import unit_rows
 
+_NON_NEGATIVE = integer(0)
+
 
 def _quotas(call: str, name: str, value: Any) -> tuple[int, ...]:
     """Q ints >= 0 with a positive sum, as a tuple."""
     bad = GradAlignError(f"{call}: {name} must be ints >= 0 with sum > 0, got {value!r}")
     try:
-        quotas = tuple(integer(0).check(call, name, q) for q in value)
+        quotas = tuple(_NON_NEGATIVE(call, name, q) for q in value)
     except (GradAlignError, TypeError):
         raise bad from None
     if sum(quotas) < 1:
@@ -145,7 +147,7 @@ class TaskQuota(Policy):
         tensor([10, 12, 13])
     """
 
-    quotas: Sequence[int] = required(Rule(_quotas, "ints >= 0 with sum > 0"))
+    quotas: Sequence[int] = required(_quotas)
 
     def __post_init__(self) -> None:
         check_options(self)
