@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gradalign._calls import current_call
+from gradalign._options import check_options
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import OnForward, response_logprobs
 from gradalign.objective import Objective, TokenWeights
@@ -359,6 +360,10 @@ class GradientExtractor(ABC):
         >>> [len(chunk) for chunk in ext.iter_groups(model, ro)]
         [2]
     """
+
+    def __post_init__(self) -> None:
+        """The extractors are frozen dataclasses: check every declared setting once, here."""
+        check_options(self)
 
     def per_group(
         self,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gradalign._modules import TARGET_MODULES_RULE, TargetModules, match_modules
-from gradalign._options import boolean, check_options, choice, integer, option, seed_rule
+from gradalign._options import boolean, choice, integer, option, seed_rule
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import (
     DEFAULT_LOGITS_ELEMENTS,
@@ -273,9 +273,6 @@ class FactorizedGradient(GradientExtractor):
     group_chunk: int | None = option(None, integer(1, none=True))
     max_logits_elements: int = option(DEFAULT_LOGITS_ELEMENTS, integer(1))
     share_prompts: bool = option(True, boolean())
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def group_packs(
         self, rollouts: Rollouts, objective: Objective | TokenWeights | None = None

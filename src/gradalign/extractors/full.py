@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradalign._modules import TARGET_MODULES_RULE, TargetModules, target_parameters
-from gradalign._options import boolean, check_options, integer, option
+from gradalign._options import boolean, integer, option
 from gradalign._validate import check_int
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS, fsdp_root
@@ -164,9 +164,6 @@ class FullGradient(GradientExtractor):
     preconditioner: Mapping[str, torch.Tensor] | None = None
     share_prompts: bool = option(True, boolean())
     projection: Projector | None = option(None, PROJECTOR_RULE)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def _segments(self, named: list[tuple[str, nn.Parameter]]) -> tuple[Segment, ...]:
         segments, start = [], 0

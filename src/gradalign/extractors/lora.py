@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradalign._options import boolean, check_options, choice, instance, integer, option, seed_rule
+from gradalign._options import boolean, choice, instance, integer, option, seed_rule
 from gradalign.errors import GradAlignError
 from gradalign.extractors._forward import DEFAULT_LOGITS_ELEMENTS
 from gradalign.extractors.base import DEFAULT_BATCH_SIZE, GradientExtractor, GroupGradients
@@ -143,7 +143,7 @@ class LoRAGradient(GradientExtractor):
     projection: Projector | None = option(None, PROJECTOR_RULE)
 
     def __post_init__(self) -> None:
-        check_options(self)
+        super().__post_init__()
         if self.projection is not None and self.dim is not None:
             raise GradAlignError(f"{type(self).__name__}: give projection or dim, not both")
 

@@ -111,6 +111,10 @@ class Policy(abc.ABC):
         checked._checks_candidates = True  # type: ignore[attr-defined]
         cls.__call__ = checked  # type: ignore[method-assign]
 
+    def __post_init__(self) -> None:
+        """Built-in policies are frozen dataclasses: check every declared setting once, here."""
+        check_options(self)
+
     @abc.abstractmethod
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         """Select from ``candidates`` (G rows); returns (k,) int64 ids in rank order."""
@@ -133,9 +137,6 @@ class _KeyTopK(Policy):
     descending = True
 
     k: int = option(None, K_RULE)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     @abc.abstractmethod
     def _key(self, c: Candidates) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradalign._options import check_options, function, option, real, required, seed_rule
+from gradalign._options import function, option, real, required, seed_rule
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 from gradalign.policies._base import Policy, _generator, _ids_at, _PolicyFn
@@ -39,9 +39,6 @@ class EpsilonMix(Policy):
     policy: _PolicyFn = required(function())
     epsilon: float = required(real(ok=lambda v: 0 <= v <= 1, rule="in [0, 1]"))
     seed: int = option(0, seed_rule())
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         inner = candidates.positions(self.policy(candidates)).tolist()

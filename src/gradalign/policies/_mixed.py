@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gradalign._options import check_options, integer, option, real, required
+from gradalign._options import integer, option, real, required
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 from gradalign.policies._base import (
@@ -105,9 +105,6 @@ class DiverseTopK(Policy):
     k: int = required(integer(1))
     redundancy: float = option(0.5, real(ok=lambda v: v >= 0, rule="finite and >= 0"), kw_only=True)
 
-    def __post_init__(self) -> None:
-        check_options(self)
-
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores").double()  # (G,)
         unit = unit_rows(_need(self, candidates, "grads"))  # (G, D)
@@ -148,9 +145,6 @@ class TaskQuota(Policy):
     """
 
     quotas: Sequence[int] = required(_quotas)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         ts = _need(self, candidates, "task_scores")  # (G, Q)

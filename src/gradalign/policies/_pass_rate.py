@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradalign._options import check_options, integer, option, real, seed_rule
+from gradalign._options import integer, option, real, seed_rule
 from gradalign.candidates import Candidates
 from gradalign.errors import GradAlignError
 from gradalign.policies._base import (
@@ -111,7 +111,7 @@ class AccuracyBand(Policy):
     seed: int = option(0, seed_rule())
 
     def __post_init__(self) -> None:
-        check_options(self)
+        super().__post_init__()
         if not self.high >= self.low:
             raise GradAlignError(f"AccuracyBand: high must be >= low={self.low}, got {self.high!r}")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradalign._options import check_options, integer, option, real, required, seed_rule
+from gradalign._options import integer, option, real, required, seed_rule
 from gradalign.candidates import Candidates
 from gradalign.policies._base import Policy, _clip_k, _generator, _need, _rank
 
@@ -33,9 +33,6 @@ class Random(Policy):
 
     k: int = required(integer(1))
     seed: int = option(0, seed_rule())
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         k = _clip_k(self, self.k, len(candidates), len(candidates))
@@ -68,9 +65,6 @@ class Softmax(Policy):
     k: int = required(integer(1))
     temperature: float = option(1.0, real(ok=lambda v: v > 0, rule="finite and > 0"))
     seed: int = option(0, seed_rule())
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores").double()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradalign._options import check_options, real, required
+from gradalign._options import real, required
 from gradalign.candidates import Candidates
 from gradalign.policies._base import Policy, _KeyTopK, _need, _rank
 
@@ -73,9 +73,6 @@ class TopFraction(Policy):
 
     fraction: float = required(real(ok=lambda v: 0 < v <= 1, rule="in (0, 1]"))
 
-    def __post_init__(self) -> None:
-        check_options(self)
-
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores")
         return candidates.ids[_rank(scores)[: max(1, round(self.fraction * len(candidates)))]]
@@ -101,9 +98,6 @@ class Threshold(Policy):
     """
 
     min_score: float = required(real(finite=False, rule="a real number, not NaN"))
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
         scores = _need(self, candidates, "scores")
