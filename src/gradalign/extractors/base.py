@@ -262,28 +262,42 @@ def chunk_size(group_chunk: int | None, dim: int) -> int:
     return group_chunk or max(1, CHUNK_BYTES // (4 * max(1, dim)))
 
 
-def chunk_result(
-    rollouts: Rollouts,
-    prepared: TokenWeights,
-    groups: range,
-    grads: torch.Tensor,
-    segments: tuple[Segment, ...],
-    call: str,
-) -> GroupGradients:
-    """The [`GroupGradients`][gradalign.extractors.base.GroupGradients] of the groups at positions
-    ``groups`` (ascending ids) with their (Gc, D) rows ``grads``: ids, sizes, token counts and
-    zero-spread flags read from ``rollouts`` and ``prepared``. Every extractor assembles its
-    chunks here."""
-    lo, hi = groups.start, groups.stop
-    return GroupGradients(
-        group_ids=rollouts.unique_groups[lo:hi].cpu(),
-        grads=grads.cpu(),
-        num_sequences=rollouts.group_sizes().cpu()[lo:hi],
-        num_tokens=rollouts.group_token_counts().cpu()[lo:hi],
-        zero_spread=prepared.zero_spread(rollouts).cpu()[lo:hi],
-        segments=segments,
-        call=call,
-    )
+@dataclass(frozen=True, eq=False)
+class GroupColumns:
+    """The per-group columns of every chunk of one extraction call, computed once per call.
+
+    ``result`` assembles a chunk's [`GroupGradients`][gradalign.extractors.base.GroupGradients]
+    from them: every extractor assembles its chunks here.
+    """
+
+    group_ids: torch.Tensor  # (G,) ascending
+    num_sequences: torch.Tensor  # (G,)
+    num_tokens: torch.Tensor  # (G,)
+    zero_spread: torch.Tensor  # (G,) bool
+
+    @classmethod
+    def of(cls, rollouts: Rollouts, prepared: TokenWeights) -> GroupColumns:
+        return cls(
+            group_ids=rollouts.unique_groups.cpu(),
+            num_sequences=rollouts.group_sizes().cpu(),
+            num_tokens=rollouts.group_token_counts().cpu(),
+            zero_spread=prepared.zero_spread(rollouts).cpu(),
+        )
+
+    def result(
+        self, groups: range, grads: torch.Tensor, segments: tuple[Segment, ...], call: str
+    ) -> GroupGradients:
+        """The groups at positions ``groups`` with their (Gc, D) rows ``grads``."""
+        lo, hi = groups.start, groups.stop
+        return GroupGradients(
+            group_ids=self.group_ids[lo:hi],
+            grads=grads.cpu(),
+            num_sequences=self.num_sequences[lo:hi],
+            num_tokens=self.num_tokens[lo:hi],
+            zero_spread=self.zero_spread[lo:hi],
+            segments=segments,
+            call=call,
+        )
 
 
 def weighted_loss(

@@ -43,9 +43,9 @@ from gradalign.extractors._hooks import hooked as _hooked
 from gradalign.extractors.base import (
     DEFAULT_BATCH_SIZE,
     GradientExtractor,
+    GroupColumns,
     GroupCounter,
     GroupGradients,
-    chunk_result,
     chunk_size,
     extraction_mode,
     group_rows,
@@ -203,6 +203,7 @@ def factorized_chunks(
     prepared = prepare_weights(call, objective, rollouts)
     weights, active = _active_rows(prepared)
     job = _Job(model, rollouts, prepared, weights, max_logits_elements, share_prompts, call)
+    columns = GroupColumns.of(rollouts, prepared)  # once per call, sliced per chunk
     by_group = group_rows(rollouts)
     n_groups = len(by_group)
     counter = GroupCounter(enabled=progress, total=n_groups, desc=call.split(".")[0])
@@ -221,7 +222,7 @@ def factorized_chunks(
         counter.update(hi - lo - done)  # zero-spread groups at the end run no rows
         if hi == n_groups:
             counter.close()
-        yield chunk_result(rollouts, prepared, range(lo, hi), buffer, segments, call)
+        yield columns.result(range(lo, hi), buffer, segments, call)
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from gradalign.extractors._hooks import ParameterSink
 from gradalign.extractors.base import (
     DEFAULT_BATCH_SIZE,
     GradientExtractor,
+    GroupColumns,
     GroupCounter,
     GroupGradients,
     Segment,
-    chunk_result,
     chunk_size,
     extraction_mode,
     group_rows,
@@ -214,7 +214,8 @@ class FullGradient(GradientExtractor):
         total = rollouts.num_groups
         counter = GroupCounter(enabled=progress, total=total, desc=type(self).__name__)
         try:
-            return self._fill(model, rollouts, prepared, named, range(0, total), counter)
+            columns = GroupColumns.of(rollouts, prepared)
+            return self._fill(model, rollouts, prepared, named, range(0, total), columns, counter)
         finally:
             counter.close()
 
@@ -249,10 +250,11 @@ class FullGradient(GradientExtractor):
         chunk = chunk_size(self.group_chunk, self._row_dim(named))
         total = rollouts.num_groups
         counter = GroupCounter(enabled=progress, total=total, desc=type(self).__name__)
+        columns = GroupColumns.of(rollouts, prepared)  # once per call, sliced per chunk
         try:
             for lo in range(0, total, chunk):
                 groups = range(lo, min(total, lo + chunk))
-                yield self._fill(model, rollouts, prepared, named, groups, counter)
+                yield self._fill(model, rollouts, prepared, named, groups, columns, counter)
         finally:
             counter.close()
 
@@ -263,6 +265,7 @@ class FullGradient(GradientExtractor):
         prepared: TokenWeights,
         named: list[tuple[str, nn.Parameter]],
         groups: range,
+        columns: GroupColumns,
         counter: GroupCounter,
     ) -> GroupGradients:
         """Rows of the groups at positions ``groups`` (ascending ids), one preallocated buffer."""
@@ -288,7 +291,7 @@ class FullGradient(GradientExtractor):
             finally:
                 sink.close()
         kept = segments if self.projection is None else ()
-        return chunk_result(rollouts, prepared, groups, buffer, kept, call)
+        return columns.result(groups, buffer, kept, call)
 
     def _backward(
         self,
