@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import field
 from typing import Any, get_args
 
-from gradalign._validate import SEED_RANGE, check_int
+from gradalign._validate import SEED_RANGE, check_choice, check_int
 from gradalign.errors import GradAlignError
 
 __all__ = [
@@ -152,9 +152,7 @@ def choice(literal: Any, *, none: bool = False) -> Rule:
     def check(call: str, name: str, value: Any) -> Any:
         if value is None and none:
             return None
-        if not isinstance(value, str) or value not in allowed:
-            raise GradAlignError(f"{call}: {name} must be one of {allowed}, got {value!r}")
-        return value
+        return check_choice(call, name, value, allowed)
 
     return check
 
