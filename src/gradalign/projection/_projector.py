@@ -94,6 +94,11 @@ def _check(call: str, kind: object, dim: object, seed: object, nnz: object) -> i
         raise GradAlignError(f"{call}: kind must be one of {KINDS}, got {kind!r}")
     dim = _int(call, "dim", dim, 1)
     _int(call, "seed", seed)
+    return _nnz(call, kind, dim, nnz)
+
+
+def _nnz(call: str, kind: object, dim: int, nnz: object) -> int:
+    """The effective sjlt_nnz (None -> min(4, dim)); an sjlt one must not exceed ``dim``."""
     if nnz is None:
         return min(_DEFAULT_NNZ, dim)
     nnz = _int(call, "sjlt_nnz", nnz, 1)
@@ -268,8 +273,8 @@ class Projector:
     block_size: int | None = option(None, integer(1, none=True))
 
     def __post_init__(self) -> None:
-        check_options(self)
-        _check("Projector", self.kind, self.dim, self.seed, self.sjlt_nnz)  # sjlt_nnz <= dim
+        check_options(self)  # each field; then the one rule across two
+        _nnz("Projector", self.kind, self.dim, self.sjlt_nnz)
 
     def __call__(
         self, x: torch.Tensor, *, name: str, side: str = "", offset: int = 0
