@@ -130,3 +130,9 @@ def test_selector_settings_are_checked_by_the_same_rules() -> None:
                       "aggregate": "median", "policy": 5, "keep_grads": 1}.items():  # fmt: skip
         with pytest.raises(GradAlignError, match=rf"^GradAlign: {name} must be "):
             ga.GradAlign(**{name: bad})
+
+
+def test_projector_checks_sjlt_nnz_against_dim_after_its_fields() -> None:
+    with pytest.raises(GradAlignError, match=r"^Projector: sjlt_nnz must be <= dim=4, got 5"):
+        Projector(dim=4, sjlt_nnz=5)
+    assert Projector(dim=4, kind="gaussian", sjlt_nnz=5).sjlt_nnz == 5  # only sjlt uses it
